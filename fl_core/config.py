@@ -1,0 +1,316 @@
+"""Typed experiment configuration: dataclasses, named profiles, flat overrides, validation.
+
+A config is built as ``defaults <- profile overlay <- user overrides``. Overlays and overrides
+are flat dicts keyed like ``"data.alpha"`` (what papermill and ``--set`` pass). Every value is
+checked up front; a bad one raises ``ValueError`` naming the field, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What the config needs to know about a dataset without loading it."""
+
+    num_classes: int
+    train_size: int
+    already_long_tailed: bool = False
+
+
+DATASETS: dict[str, DatasetFacts] = {
+    "mnist": DatasetFacts(num_classes=10, train_size=50_000),
+    "cifar10": DatasetFacts(num_classes=10, train_size=50_000),
+    "cifar100": DatasetFacts(num_classes=100, train_size=50_000),
+    "imagenet_lt": DatasetFacts(num_classes=1000, train_size=115_846, already_long_tailed=True),
+}
+PARTITIONS = ("creff", "dirichlet", "iid")
+METHODS = ("fedavg", "fedprox")
+ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist"
+    root: str = "data"  # where cifar10/cifar100/imagenet_lt live (torchvision layout / LT lists)
+    download: bool = False  # opt-in download of CIFAR through torchvision
+    imbalance_factor: float = 100.0  # n_max / n_min of the exponential long tail; 1 = balanced
+    num_clients: int = 20
+    alpha: float = 0.5  # Dirichlet concentration of the non-IID split
+    partition: str = "creff"
+    min_client_size: int = 10  # 'dirichlet' partitioner: redraw until every client has this many
+    train_limit: int = 0  # 0 = whole training split, else only its first N images (small profiles)
+    test_limit: int = 0  # 0 = whole test split, else a class-stratified subset of N images
+    augment: bool = True  # random crop (+ flip where the dataset allows) on the training device
+    image_size: int = 0  # 0 = native size; used to resize ImageNet-LT
+    many_threshold: int = 100  # classes with more training images are 'many'
+    few_threshold: int = 20  # classes with fewer training images are 'few'
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "auto"  # auto = resnet8 for small images, resnet50 for ImageNet-LT
+    width: float = 1.0  # channel multiplier of ResNet-8 (1.0 = CReFF's 64/128/256)
+
+
+@dataclass
+class FLConfig:
+    rounds: int = 200
+    clients_per_round: int = 8
+    local_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
+    eval_batch_size: int = 500
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fedavg"
+    prox_mu: float = 0.01  # FedProx proximal weight (used by 'fedprox' only)
+
+
+@dataclass
+class ExperimentConfig:
+    profile: str = "offline"
+    seed: int = 7
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """The config as ``{"data.alpha": 0.5, ...}``, the form overrides take."""
+        return dict(_flatten(self))
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes results (the profile name does not)."""
+        settings = {k: v for k, v in self.flat().items() if k != "profile"}
+        blob = json.dumps(settings, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# Profiles are overlays on the defaults above, which are the peers' protocol (section 4 of DESIGN.md).
+PAPER_PROTOCOL = {
+    "seed": 7,
+    "data.num_clients": 20,
+    "data.alpha": 0.5,
+    "data.imbalance_factor": 100.0,
+    "data.partition": "creff",
+    "fl.rounds": 200,
+    "fl.clients_per_round": 8,
+    "fl.local_epochs": 10,
+    "fl.batch_size": 32,
+    "fl.lr": 0.1,
+    "model.width": 1.0,
+}
+PROFILES: dict[str, dict] = {
+    # Tests and nbval: seconds per run on 2 CPU cores.
+    "smoke": {
+        "data.dataset": "mnist",
+        "data.train_limit": 5000,
+        "data.test_limit": 1000,
+        "data.imbalance_factor": 100.0,
+        "data.num_clients": 10,
+        "fl.clients_per_round": 4,
+        "fl.rounds": 3,
+        "fl.local_epochs": 1,
+        "fl.lr": 0.1,
+        "model.width": 0.25,
+    },
+    # The embedded default of `make book`: real MNIST-LT, everything on a 2-core CPU.
+    "offline": {
+        "data.dataset": "mnist",
+        "data.imbalance_factor": 100.0,
+        "data.num_clients": 20,
+        "data.alpha": 0.5,
+        "fl.clients_per_round": 8,
+        "fl.rounds": 30,
+        "fl.local_epochs": 2,
+        "fl.lr": 0.1,
+        "model.width": 0.25,
+    },
+    "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10"},
+    "paper-cifar100": {**PAPER_PROTOCOL, "data.dataset": "cifar100"},
+    "paper-imagenet": {
+        **PAPER_PROTOCOL,
+        "data.dataset": "imagenet_lt",
+        "data.imbalance_factor": 1.0,  # ImageNet-LT's train list is long-tailed already
+        "data.image_size": 112,
+        "model.arch": "resnet50",
+    },
+}
+DEFAULT_PROFILE = "offline"
+
+
+def make_config(profile: str = DEFAULT_PROFILE, overrides: dict | None = None) -> ExperimentConfig:
+    """Build and validate the config of ``profile`` with flat ``overrides`` applied on top."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not a known profile; valid: {sorted(PROFILES)}")
+    cfg = apply_overrides(ExperimentConfig(profile=profile), PROFILES[profile])
+    cfg = apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> ExperimentConfig:
+    """Rebuild a config from ``to_dict()`` output (e.g. a run record)."""
+    flat = dict(_flatten_dict(d))
+    return apply_overrides(ExperimentConfig(profile=flat.pop("profile", DEFAULT_PROFILE)), flat)
+
+
+def parse_set_args(pairs: list[str]) -> dict:
+    """``["fl.rounds=5", "data.alpha=0.1"]`` -> ``{"fl.rounds": "5", ...}`` (typed later)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r} is not of the form key=value, e.g. --set fl.rounds=5")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
+    """Return a copy of ``cfg`` with flat ``{"section.key": value}`` overrides applied.
+
+    String values (from the command line) are parsed into the field's type.
+    """
+    cfg = copy.deepcopy(cfg)
+    valid = sorted(k for k in dict(_flatten(cfg)))
+    for key, value in overrides.items():
+        parts = key.split(".")
+        owner = cfg
+        for part in parts[:-1]:
+            sub = getattr(owner, part, None)
+            if not dataclasses.is_dataclass(sub):
+                raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+            owner = sub
+        names = {f.name: f for f in dataclasses.fields(owner)}
+        if parts[-1] not in names or dataclasses.is_dataclass(getattr(owner, parts[-1])):
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        hints = typing.get_type_hints(type(owner))
+        setattr(owner, parts[-1], _coerce(key, value, hints[parts[-1]]))
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise ``ValueError`` for the first setting that cannot work, saying what is valid."""
+    d, m, f = cfg.data, cfg.model, cfg.fl
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.partition", d.partition, PARTITIONS)
+    _choice("method.name", cfg.method.name, METHODS)
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("device", cfg.device, DEVICES)
+    _choice("profile", cfg.profile, PROFILES)
+    _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
+    if not d.alpha > 0:
+        raise ValueError(f"data.alpha={d.alpha!r} is invalid: the Dirichlet concentration must be > 0")
+    _at_least("data.num_clients", d.num_clients, 1)
+    _at_least("data.min_client_size", d.min_client_size, 0)
+    _at_least("data.train_limit", d.train_limit, 0, "0 means the whole split")
+    _at_least("data.test_limit", d.test_limit, 0, "0 means the whole split")
+    _at_least("data.image_size", d.image_size, 0, "0 means native size")
+    if not 0 <= d.few_threshold <= d.many_threshold:
+        raise ValueError(
+            f"data.few_threshold={d.few_threshold} and data.many_threshold={d.many_threshold} are "
+            "invalid: need 0 <= few_threshold <= many_threshold"
+        )
+    if not m.width > 0:
+        raise ValueError(f"model.width={m.width!r} is invalid: the channel multiplier must be > 0")
+    for name in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
+        _at_least(f"fl.{name}", getattr(f, name), 1)
+    if f.clients_per_round > d.num_clients:
+        raise ValueError(
+            f"fl.clients_per_round={f.clients_per_round} is invalid: only data.num_clients="
+            f"{d.num_clients} clients exist; choose 1..{d.num_clients}"
+        )
+    if not f.lr > 0:
+        raise ValueError(f"fl.lr={f.lr!r} is invalid: the learning rate must be > 0")
+    _at_least("fl.momentum", f.momentum, 0)
+    _at_least("fl.weight_decay", f.weight_decay, 0)
+    _at_least("method.prox_mu", cfg.method.prox_mu, 0)
+    images = expected_train_images(cfg)
+    if d.num_clients > images:
+        raise ValueError(
+            f"data.num_clients={d.num_clients} is invalid: the long-tailed training set of "
+            f"{d.dataset} has only about {images} images; use at most {images} clients"
+        )
+
+
+def expected_train_images(cfg: ExperimentConfig) -> int:
+    """Size of the long-tailed training set implied by the config, before loading any data."""
+    facts = DATASETS[cfg.data.dataset]
+    size = min(cfg.data.train_limit or facts.train_size, facts.train_size)
+    if facts.already_long_tailed:
+        return size
+    from fl_core.data.longtail import long_tail_counts  # numpy only
+
+    return int(sum(long_tail_counts(size, facts.num_classes, cfg.data.imbalance_factor)))
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(sorted(valid))}")
+
+
+def _at_least(name: str, value, low, note: str = "") -> None:
+    if value < low:
+        extra = f" ({note})" if note else ""
+        raise ValueError(f"{name}={value!r} is invalid: it must be >= {low}{extra}")
+
+
+def _coerce(key: str, value, hint):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = args[0]
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = json.loads(value.lower() if hint is bool else value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{key}={value!r} is not a valid {hint.__name__}") from None
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{key}={value!r} is not a valid {hint.__name__}")
+
+
+def _flatten(obj, prefix: str = ""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flatten(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _flatten_dict(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten_dict(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+

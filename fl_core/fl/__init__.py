@@ -1,0 +1,17 @@
+"""The federated engine: client sampling, local update, aggregation, round hooks, checkpoints."""
+
+from fl_core.fl.aggregate import weighted_average
+from fl_core.fl.engine import Engine, RunDirectoryConflict, resolve_device
+from fl_core.fl.local import LocalStats, local_sgd
+from fl_core.fl.sampling import client_generator, client_schedule
+
+__all__ = [
+    "Engine",
+    "LocalStats",
+    "RunDirectoryConflict",
+    "client_generator",
+    "client_schedule",
+    "local_sgd",
+    "resolve_device",
+    "weighted_average",
+]

@@ -1,0 +1,159 @@
+"""In-process federated simulation: the round loop, checkpoint/resume and the run record.
+
+Each round: the seeded schedule picks clients, each trains from the global model through the
+method's ``client_update``, the method aggregates and does its server work, the evaluation model
+is scored on the test set, and a checkpoint is written. A run started again in the same directory
+continues after the last completed round and ends with the same record.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from fl_core.config import ExperimentConfig, config_from_dict
+from fl_core.data.federated import FederatedData
+from fl_core.fl.sampling import client_generator, client_schedule
+from fl_core.methods.base import Method
+from fl_core.metrics import GROUP_NAMES, evaluate
+from fl_core.models import build_model, resolve_arch
+from fl_core.results import CHECKPOINT_NAME, RECORD_NAME, device_description, git_commit, save_torch, write_json
+
+RECORD_SCHEMA = 1
+
+
+class RunDirectoryConflict(ValueError):
+    """The run directory holds a run of a different config."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available; use device=auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class Engine:
+    def __init__(self, cfg: ExperimentConfig, method: Method, data: FederatedData, run_dir: Path | str,
+                 device: torch.device, progress: bool = True):
+        self.cfg, self.method, self.data = cfg, method, data
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.progress = progress
+        self.groups = data.groups(cfg.data.many_threshold, cfg.data.few_threshold)
+        self.model = build_model(cfg.model, cfg.data.dataset, data.num_classes, data.dataset.channels, cfg.seed).to(device)
+        self._worker: nn.Module | None = None
+
+    def worker_model(self) -> nn.Module:
+        """A scratch model loaded with the current global weights, for one client's training."""
+        if self._worker is None:
+            self._worker = copy.deepcopy(self.model)
+        self._worker.load_state_dict(self.model.state_dict())
+        return self._worker
+
+    def evaluate(self, model: nn.Module | None = None) -> dict:
+        model = self.method.evaluation_model(self) if model is None else model
+        return evaluate(model, self.data.dataset.test, self.data.pipeline, self.groups,
+                        self.data.num_classes, self.cfg.fl.eval_batch_size)
+
+    def run(self) -> dict:
+        """Run (or resume) all rounds; returns the final run record."""
+        cfg, f = self.cfg, self.cfg.fl
+        checkpoint = load_checkpoint(self.run_dir, cfg)
+        if checkpoint is None:
+            rounds, resumed, elapsed, last_metrics = [], [], 0.0, None
+            started_at = _now()
+            self.method.setup(self)
+        else:
+            self.model.load_state_dict(checkpoint["model"])
+            self.method.load_state_dict(checkpoint["method"])
+            rounds, elapsed, started_at = checkpoint["rounds"], checkpoint["elapsed"], checkpoint["started_at"]
+            last_metrics = checkpoint["last_metrics"]
+            resumed = checkpoint["resumed"] + [len(rounds)]
+        schedule = client_schedule(cfg.seed, cfg.data.num_clients, f.clients_per_round, f.rounds)
+        bar = tqdm(range(len(rounds) + 1, f.rounds + 1), desc=f"{self.method.name} rounds",
+                   disable=not self.progress, initial=len(rounds), total=f.rounds)
+        for r in bar:
+            tic = time.perf_counter()
+            results = []
+            for k in tqdm(schedule[r - 1], desc=f"round {r} clients", leave=False, disable=not self.progress):
+                results.append(self.method.client_update(self, int(k), client_generator(cfg.seed, r, int(k))))
+            self.method.aggregate(self, results)
+            server = self.method.after_aggregation(self, r)
+            entry = {
+                "round": r,
+                "clients": [res.client_id for res in results],
+                "train_loss": sum(res.mean_loss * res.num_samples for res in results) / sum(res.num_samples for res in results),
+                "upload_bytes": {str(res.client_id): res.upload_bytes for res in results},
+                **server,
+            }
+            if r % f.eval_every == 0 or r == f.rounds:
+                last_metrics = self.evaluate()
+                entry.update({k: last_metrics[k] for k in ("top1", *GROUP_NAMES)})
+                bar.set_postfix(top1=f"{last_metrics['top1']:.3f}")
+            entry["seconds"] = time.perf_counter() - tic
+            elapsed += entry["seconds"]
+            rounds.append(entry)
+            state = {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "model": self.model.state_dict(),
+                     "method": self.method.state_dict(), "rounds": rounds, "elapsed": elapsed,
+                     "started_at": started_at, "resumed": resumed, "last_metrics": last_metrics}
+            save_torch(self.run_dir / CHECKPOINT_NAME, state)
+            write_json(self.run_dir / RECORD_NAME, self._record(rounds, None, "running", started_at, elapsed, resumed))
+        record = self._record(rounds, last_metrics, "complete", started_at, elapsed, resumed)
+        write_json(self.run_dir / RECORD_NAME, record)
+        return record
+
+    def _record(self, rounds, final, status, started_at, elapsed, resumed) -> dict:
+        cfg = self.cfg
+        uploads = [b for entry in rounds for b in entry["upload_bytes"].values()]
+        return {
+            "schema": RECORD_SCHEMA,
+            "status": status,
+            "profile": cfg.profile,
+            "method": self.method.describe(),
+            "fingerprint": cfg.fingerprint(),
+            "config": cfg.to_dict(),
+            "arch": resolve_arch(cfg.model, cfg.data.dataset),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            **git_commit(),
+            "device": device_description(self.device),
+            "torch": torch.__version__,
+            "data": self.data.summary(cfg.data.many_threshold, cfg.data.few_threshold),
+            "rounds": rounds,
+            "final": final,
+            "cost": {"upload_bytes_per_client_per_round": (sum(uploads) / len(uploads)) if uploads else None},
+            "timing": {"started_at": started_at, "finished_at": _now() if final else None,
+                       "train_seconds": elapsed, "resumed_after_rounds": resumed},
+        }
+
+
+def load_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> dict | None:
+    """The checkpoint in ``run_dir`` if there is one; an error if it belongs to another config."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_config(run_dir, checkpoint["fingerprint"], checkpoint["config"], cfg)
+    return checkpoint
+
+
+def check_same_config(run_dir: Path, fingerprint: str, stored: dict, cfg: ExperimentConfig) -> None:
+    if fingerprint == cfg.fingerprint():
+        return
+    theirs, ours = config_from_dict(stored).flat(), cfg.flat()
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v and k != "profile"}
+    raise RunDirectoryConflict(
+        f"{run_dir} holds a run of another config (differs in {diff}, as (stored, asked)); "
+        "use another --run-dir or delete that directory"
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

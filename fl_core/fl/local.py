@@ -1,0 +1,62 @@
+"""The client's local update: plain minibatch SGD with cross-entropy (optionally FedProx)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fl_core.data.augment import ImagePipeline
+from fl_core.data.datasets import ImageSplit
+
+
+@dataclass
+class LocalStats:
+    num_samples: int
+    steps: int
+    mean_loss: float
+
+
+def local_sgd(
+    model: nn.Module,
+    data: ImageSplit,
+    pipeline: ImagePipeline,
+    generator: torch.Generator,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    prox_mu: float = 0.0,
+) -> LocalStats:
+    """Train ``model`` in place for ``epochs`` passes over ``data`` (reshuffled each epoch, last
+    batch kept even when short, as a ``DataLoader(shuffle=True)`` does).
+
+    ``prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming weights.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = len(data)
+    total_loss = torch.zeros((), device=data.images.device)
+    steps = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(data.images.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = pipeline.train_batch(data.images[idx], generator)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, data.labels[idx])
+            objective = loss
+            if anchor is not None:
+                objective = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+            steps += 1
+    return LocalStats(num_samples=n, steps=steps, mean_loss=float(total_loss) / max(steps, 1))

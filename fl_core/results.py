@@ -1,0 +1,84 @@
+"""Run records: atomic writes, provenance (commit, device), and loaders for the notebooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+RECORD_NAME = "record.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_write(path: Path | str, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path | str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write)
+
+
+def save_torch(path: Path | str, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_record(path: Path | str) -> dict:
+    """A run record from its file or its run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORD_NAME
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def find_records(root: Path | str, complete_only: bool = True) -> list[dict]:
+    """All run records below ``root`` (each with its path under ``"_path"``)."""
+    records = []
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        record = load_record(path)
+        if not complete_only or record.get("status") == "complete":
+            records.append({**record, "_path": str(path)})
+    return records
+
+
+def git_commit() -> dict:
+    """Commit of the code that ran (``dirty`` when the tree had uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args) -> str:
+        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

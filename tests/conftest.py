@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from fl_core.config import make_config  # noqa: E402
+
+# A federation small enough for a test: real MNIST, a few hundred images, two rounds.
+TINY = {
+    "data.train_limit": 3000,
+    "data.test_limit": 500,
+    "data.imbalance_factor": 10.0,
+    "data.num_clients": 6,
+    "fl.clients_per_round": 3,
+    "fl.rounds": 2,
+    "fl.local_epochs": 1,
+    "model.width": 0.125,
+}
+
+
+@pytest.fixture
+def tiny_config():
+    def make(**overrides):
+        return make_config("smoke", {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def runs_dir(tmp_path, monkeypatch):
+    path = tmp_path / "runs"
+    monkeypatch.setenv("FL_CORE_RUNS", str(path))
+    return path

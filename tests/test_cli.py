@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY
+
+GROUPS = ("many", "medium", "few", "head", "middle", "tail")
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fl_core", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
+def test_run_prints_metrics_and_the_record_path_as_last_line(tmp_path, method):
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    done = cli("run", "--profile", "smoke", "--method", method, "--run-dir", str(tmp_path / "r"), "--no-progress", *sets)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 <= summary["top1"] <= 1
+    for group in GROUPS:
+        assert summary[group] is None or 0 <= summary[group] <= 1
+    record = json.loads(open(summary["run_record"]).read())
+    assert record["method"]["name"] == method and record["status"] == "complete"
+    assert record["config"]["fl"]["rounds"] == 2 and len(record["rounds"]) == 2
+    assert record["commit"] and record["device"].startswith("cpu")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "data.alpha=0"], "data.alpha=0.0 is invalid"),
+        (["--set", "fl.round=3"], "unknown config key 'fl.round'"),
+        (["--method", "scaffold"], "method.name='scaffold' is not valid; choose one of"),
+        (["--profile", "fast"], "profile='fast' is not a known profile"),
+        (["--set", "data.imbalance_factor=0.1"], "data.imbalance_factor=0.1 is invalid"),
+    ],
+)
+def test_bad_input_fails_at_once_with_a_clear_message(args, message):
+    start = time.monotonic()
+    done = cli("run", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - start < 10
+
+
+def test_missing_data_fails_within_seconds(tmp_path):
+    start = time.monotonic()
+    done = cli("run", "--profile", "paper-cifar10", "--set", f"data.root={tmp_path}")
+    assert done.returncode == 2 and "cifar10 was not found under" in done.stderr and "data.download=true" in done.stderr
+    assert time.monotonic() - start < 10

@@ -1,0 +1,70 @@
+import pytest
+
+from fl_core.config import PROFILES, apply_overrides, config_from_dict, make_config, parse_set_args
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_builds(profile):
+    cfg = make_config(profile)
+    assert cfg.profile == profile
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_paper_profiles_follow_the_peers_protocol():
+    cfg = make_config("paper-cifar10")
+    assert (cfg.data.num_clients, cfg.fl.clients_per_round, cfg.fl.rounds) == (20, 8, 200)
+    assert (cfg.fl.local_epochs, cfg.fl.batch_size, cfg.fl.lr, cfg.data.alpha, cfg.seed) == (10, 32, 0.1, 0.5, 7)
+    assert make_config("paper-cifar100").data.dataset == "cifar100"
+    assert make_config("paper-imagenet").model.arch == "resnet50"
+
+
+def test_string_overrides_are_typed():
+    cfg = make_config("smoke", parse_set_args(["fl.rounds=5", "data.alpha=0.1", "data.augment=false", "seed=3"]))
+    assert cfg.fl.rounds == 5 and isinstance(cfg.fl.rounds, int)
+    assert cfg.data.alpha == 0.1 and cfg.data.augment is False and cfg.seed == 3
+
+
+def test_int_accepted_for_float_field_but_not_the_reverse():
+    assert make_config("smoke", {"data.imbalance_factor": 50}).data.imbalance_factor == 50.0
+    with pytest.raises(ValueError, match=r"fl\.rounds=2\.5 is not a valid int"):
+        make_config("smoke", {"fl.rounds": 2.5})
+
+
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        ({"fl.round": 3}, r"unknown config key 'fl\.round'; valid keys: .*fl\.rounds"),
+        ({"nope": 1}, r"unknown config key 'nope'"),
+        ({"data.imbalance_factor": 0.5}, r"data\.imbalance_factor=0\.5 is invalid: it must be >= 1"),
+        ({"data.alpha": 0}, r"data\.alpha=0(\.0)? is invalid: .* must be > 0"),
+        ({"data.alpha": -1.0}, r"data\.alpha=-1\.0 is invalid"),
+        ({"data.num_clients": 0}, r"data\.num_clients=0 is invalid: it must be >= 1"),
+        ({"data.num_clients": 100000, "fl.clients_per_round": 1}, r"data\.num_clients=100000 is invalid: .* at most \d+ clients"),
+        ({"data.dataset": "svhn"}, r"data\.dataset='svhn' is not valid; choose one of: cifar10, cifar100, imagenet_lt, mnist"),
+        ({"method.name": "scaffold"}, r"method\.name='scaffold' is not valid; choose one of: .*fedavg"),
+        ({"data.partition": "shards"}, r"data\.partition='shards' is not valid; choose one of: creff, dirichlet, iid"),
+        ({"fl.clients_per_round": 11}, r"fl\.clients_per_round=11 is invalid: only data\.num_clients=10"),
+        ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
+        ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
+    ],
+)
+def test_bad_settings_name_the_field_the_value_and_what_is_valid(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make_config("smoke", overrides)
+
+
+def test_unknown_profile():
+    with pytest.raises(ValueError, match=r"profile='fast' is not a known profile; valid: .*'offline'"):
+        make_config("fast")
+
+
+def test_set_syntax_error():
+    with pytest.raises(ValueError, match="key=value"):
+        parse_set_args(["fl.rounds"])
+
+
+def test_fingerprint_tracks_settings_not_profile_name():
+    a = make_config("smoke")
+    assert a.fingerprint() == make_config("smoke").fingerprint()
+    assert a.fingerprint() != make_config("smoke", {"seed": 8}).fingerprint()
+    assert apply_overrides(a, {"profile": "offline"}).fingerprint() == a.fingerprint()

@@ -1,0 +1,121 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fl_core.config import make_config
+from fl_core.data import DataNotFoundError, ImagePipeline, build_federated_data, load_dataset
+from fl_core.data.augment import random_crop, random_flip
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset(make_config("offline").data)
+
+
+def test_mnist_is_the_real_thing(mnist):
+    assert (len(mnist.train), len(mnist.heldout), len(mnist.test)) == (50_000, 10_000, 10_000)
+    assert mnist.train.images.dtype == torch.uint8 and mnist.train.images.shape[1:] == (1, 28, 28)
+    assert np.bincount(mnist.train.labels.numpy()).tolist() == [4932, 5678, 4968, 5101, 4859, 4506, 4951, 5175, 4842, 4988]
+    assert int(mnist.train.images.max()) == 255 and mnist.flip is False
+
+
+def test_limits_take_the_head_of_train_and_a_stratified_test(mnist):
+    ds = load_dataset(make_config("smoke", {"data.train_limit": 1234, "data.test_limit": 105}).data)
+    assert torch.equal(ds.train.labels, mnist.train.labels[:1234])
+    assert np.bincount(ds.test.labels.numpy()).tolist() == [11] * 5 + [10] * 5
+
+
+def test_federated_data_matches_the_partition():
+    cfg = make_config("smoke")
+    fed = build_federated_data(cfg)
+    assert len(fed.clients) == cfg.data.num_clients
+    counts = fed.client_class_counts
+    for k, client in enumerate(fed.clients):
+        assert np.bincount(client.labels.numpy(), minlength=10).tolist() == counts[k].tolist()
+    assert fed.train_class_counts.tolist() == counts.sum(0).tolist()
+    assert fed.train_class_counts[0] > 50 * fed.train_class_counts[-1]
+    summary = fed.summary()
+    assert set(summary["groups"]) == {"many", "medium", "few", "head", "middle", "tail"}
+
+
+@pytest.mark.parametrize("dataset, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_cifar_fails_fast_saying_where_and_how(tmp_path, dataset, folder):
+    cfg = make_config("paper-cifar10", {"data.dataset": dataset, "data.root": str(tmp_path)})
+    start = time.monotonic()
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset(cfg.data)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert str(tmp_path) in message and folder in message and "data.download=true" in message
+
+
+def test_missing_imagenet_lt_lists(tmp_path):
+    cfg = make_config("paper-imagenet", {"data.root": str(tmp_path)})
+    with pytest.raises(DataNotFoundError, match="ImageNet_LT_train.txt.*data.root"):
+        load_dataset(cfg.data)
+
+
+def make_fake_imagenet_lt(root, per_class_train=(3, 1), per_class_test=2):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    lines = {"train": [], "test": []}
+    for split, per_class in (("train", per_class_train), ("test", (per_class_test,) * 2)):
+        for c, n in enumerate(per_class):
+            for i in range(n):
+                rel = f"{split}/n{c:08d}/img_{i}.JPEG"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.randint(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(root / rel)
+                lines[split].append(f"{rel} {c}")
+    (root / "ImageNet_LT_train.txt").write_text("\n".join(lines["train"]) + "\n")
+    (root / "ImageNet_LT_test.txt").write_text("\n".join(lines["test"]) + "\n")
+
+
+def test_imagenet_lt_reads_the_lists_decodes_and_caches(tmp_path):
+    make_fake_imagenet_lt(tmp_path)
+    cfg = make_config("paper-imagenet", {"data.root": str(tmp_path), "data.image_size": 16})
+    ds = load_dataset(cfg.data)
+    assert ds.train.images.shape == (4, 3, 16, 16) and ds.train.labels.tolist() == [0, 0, 0, 1]
+    assert len(ds.test) == 4 and len(ds.class_names) == 1000
+    assert list(tmp_path.glob(".ImageNet_LT_train_16px_*.npy"))
+    (tmp_path / "train/n00000000/img_0.JPEG").unlink()  # a second load needs only the cache
+    assert torch.equal(load_dataset(cfg.data).train.images, ds.train.images)
+
+
+def test_imagenet_lt_missing_images_are_named(tmp_path):
+    make_fake_imagenet_lt(tmp_path)
+    (tmp_path / "test/n00000001/img_1.JPEG").unlink()
+    cfg = make_config("paper-imagenet", {"data.root": str(tmp_path), "data.image_size": 16})
+    with pytest.raises(DataNotFoundError, match="1 images named in .*ImageNet_LT_test.txt are missing.*img_1"):
+        load_dataset(cfg.data)
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(2):
+        windows = [padded[n, :, i : i + 5, j : j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[n], w) for w in windows)
+    assert torch.equal(out, random_crop(x, 2, torch.Generator().manual_seed(0)))
+
+
+def test_random_flip_flips_about_half():
+    x = torch.randn(400, 1, 4, 4)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(-1)) and not torch.equal(o, i) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 150 < sum(flipped) < 250
+
+
+def test_pipeline_normalizes_and_augments_only_with_a_generator():
+    pipe = ImagePipeline(mean=(0.5,), std=(0.25,), crop_padding=2, flip=True)
+    images = torch.full((4, 1, 8, 8), 255, dtype=torch.uint8)
+    assert torch.allclose(pipe.normalize(images), torch.full((4, 1, 8, 8), 2.0))
+    assert torch.equal(pipe.train_batch(images, None), pipe.normalize(images))
+    augmented = pipe.train_batch(images, torch.Generator().manual_seed(1))
+    # padding is zero after normalization (the mean colour), as when the peers crop normalized tensors
+    assert (augmented == 0.0).any() and (augmented == 2.0).any()

@@ -1,0 +1,161 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fl_core.config import make_config
+from fl_core.data import ImagePipeline, ImageSplit
+from fl_core.experiment import default_run_dir, run_experiment
+from fl_core.fl import RunDirectoryConflict, client_schedule, local_sgd, weighted_average
+from fl_core.methods import FedAvg
+from fl_core.models import ResNet8
+from fl_core.results import CHECKPOINT_NAME, load_record
+
+from conftest import TINY
+
+
+def stable(record):
+    """A record without what legitimately differs between runs (timings, paths)."""
+    record = json.loads(json.dumps(record))
+    record.pop("timing"), record.pop("_path", None)
+    for entry in record["rounds"]:
+        entry.pop("seconds")
+    return record
+
+
+def test_weighted_average_is_sample_weighted():
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(2)}
+    b = {"w": torch.tensor([3.0, 1.0]), "n": torch.tensor(5)}
+    avg = weighted_average([a, b], [1, 2])
+    assert torch.allclose(avg["w"], torch.tensor([2.0, 2.0]))
+    assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 4
+    with pytest.raises(ValueError, match="zero client states"):
+        weighted_average([], [])
+
+
+def test_client_schedule_is_the_peers_random_state_stream():
+    rng = np.random.RandomState(7)
+    expected = [rng.choice(list(range(20)), 8, replace=False) for _ in range(5)]
+    schedule = client_schedule(7, 20, 8, 5)
+    assert all(np.array_equal(a, b) for a, b in zip(schedule, expected))
+    assert all(len(set(s.tolist())) == 8 for s in schedule)
+
+
+def small_client():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 12, 12), generator=g, dtype=torch.uint8)
+    return ImageSplit(images, torch.arange(40) % 3), ImagePipeline((0.5,), (0.5,), crop_padding=1)
+
+
+def test_local_sgd_is_deterministic_and_counts_steps():
+    data, pipe = small_client()
+
+    def train(seed, mu=0.0):
+        torch.manual_seed(0)
+        model = ResNet8(3, 1, 0.125)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        stats = local_sgd(model, data, pipe, torch.Generator().manual_seed(seed), epochs=2, batch_size=16, lr=0.1, prox_mu=mu)
+        return model.state_dict(), start, stats
+
+    a, start, stats = train(1)
+    b, _, _ = train(1)
+    c, _, _ = train(2)
+    assert stats.steps == 2 * 3 and stats.num_samples == 40  # 40 = 16 + 16 + 8: short last batch kept
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+    prox, _, _ = train(1, mu=1.0)
+
+    def drift(state):
+        return sum(float((state[k].float() - start[k].float()).pow(2).sum()) for k in state if "weight" in k)
+
+    assert drift(prox) < drift(a)  # the proximal term holds clients near the global model
+
+
+@pytest.mark.slow
+def test_same_config_same_record(tiny_config, tmp_path):
+    cfg = tiny_config()
+    first = run_experiment(cfg, tmp_path / "a", progress=False)
+    second = run_experiment(cfg, tmp_path / "b", progress=False)
+    assert stable(first) == stable(second)
+    assert first["status"] == "complete" and len(first["rounds"]) == cfg.fl.rounds
+    final = first["final"]
+    assert 0 <= final["top1"] <= 1 and len(final["per_class"]) == 10
+    model = ResNet8(10, 1, 0.125)
+    floats = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    bn_layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    # a client uploads float32 weights and BN statistics plus one int64 batch counter per BN layer
+    assert first["cost"]["upload_bytes_per_client_per_round"] == 4 * floats + 8 * bn_layers
+    assert first["rounds"][0]["clients"] == client_schedule(cfg.seed, 6, 3, 2)[0].tolist()
+
+
+@pytest.mark.slow
+def test_fedprox_runs_and_differs_from_fedavg(tiny_config):
+    fedavg = run_experiment(tiny_config(), progress=False)
+    fedprox = run_experiment(tiny_config(method__name="fedprox", method__prox_mu=1.0), progress=False)
+    assert fedprox["method"] == {"name": "fedprox", "prox_mu": 1.0}
+    assert fedprox["rounds"][-1]["train_loss"] != fedavg["rounds"][-1]["train_loss"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_record(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(fl__rounds=4)
+    reference = run_experiment(cfg, tmp_path / "reference", progress=False)
+
+    def crash_in_round_3(self, engine, round_idx):
+        if round_idx == 3:
+            raise Interrupted  # dies after aggregating round 3, before its checkpoint
+        return {}
+
+    monkeypatch.setattr(FedAvg, "after_aggregation", crash_in_round_3)
+    with pytest.raises(Interrupted):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    partial = load_record(tmp_path / "run")
+    assert partial["status"] == "running" and len(partial["rounds"]) == 2
+    monkeypatch.undo()
+    resumed = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert resumed["timing"]["resumed_after_rounds"] == [2]
+    assert stable(resumed) == stable(reference)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_record(tiny_config, tmp_path):
+    rounds = 8
+    cfg = tiny_config(fl__rounds=rounds)
+    reference = run_experiment(cfg, tmp_path / "reference", progress=False)
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "fl.rounds": rounds}.items()]
+    cmd = [sys.executable, "-m", "fl_core", "run", "--profile", "smoke", "--no-progress", "--run-dir", str(tmp_path / "run"), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    record_path = tmp_path / "run" / "record.json"  # may not be written yet: killed right after a checkpoint
+    assert not record_path.exists() or load_record(record_path)["status"] == "running"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = load_record(json.loads(done.stdout.strip().splitlines()[-1])["run_record"])
+    assert resumed["timing"]["resumed_after_rounds"] and stable(resumed) == stable(reference)
+
+
+@pytest.mark.slow
+def test_finished_runs_are_reused_and_other_configs_refused(tiny_config):
+    cfg = tiny_config()
+    record = run_experiment(cfg, progress=False)
+    path = default_run_dir(cfg) / "record.json"
+    mtime = path.stat().st_mtime_ns
+    again = run_experiment(cfg, progress=False)
+    assert path.stat().st_mtime_ns == mtime and stable(again) == stable(record)
+    with pytest.raises(RunDirectoryConflict, match=r"differs in \{'fl.lr': \(0.1, 0.3\)\}"):
+        run_experiment(tiny_config(fl__lr=0.3), run_dir=default_run_dir(cfg), progress=False)
