@@ -32,8 +32,8 @@ book: setup
 
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir).
 test: setup
-	FL_CORE_RUNS=$$(mktemp -d) $(PY) -m pytest -q tests
-	FL_CORE_RUNS=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env -p no:cacheprovider notebooks
+	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q tests
+	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env -p no:cacheprovider notebooks
 
 # Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares).
 notebooks: setup

@@ -1,6 +1,9 @@
-"""Command line: ``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]``.
+"""Command line of fl_core.
 
-The last line on stdout is one JSON object with the final metrics and the run record's path.
+``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]`` runs one
+federated experiment; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool
+with the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
+The last line on stdout is always one JSON object.
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config override, e.g. --set fl.rounds=5 --set data.alpha=0.1 (repeatable)")
     run.add_argument("--run-dir", default=None, help="run directory (default: $FL_CORE_RUNS or ./runs, by config hash)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    annotate = sub.add_parser("annotate", help="annotate the web pool with the MLLM (cached) and report its accuracy")
+    annotate.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
+    annotate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="config override, e.g. --set teacher.mllm_accuracy=0.7 (repeatable)")
+    annotate.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -31,20 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub unless asked
     try:
         overrides = parse_set_args(args.overrides)
-        if args.method is not None:
+        if getattr(args, "method", None) is not None:
             overrides["method.name"] = args.method
         cfg = make_config(args.profile, overrides)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from fl_core.data import DataNotFoundError
-    from fl_core.experiment import run_experiment
+    from fl_core.teachers import TeacherUnavailableError
 
     try:
-        record = run_experiment(cfg, args.run_dir, progress=not args.no_progress)
-    except (ValueError, DataNotFoundError) as err:
+        if args.command == "annotate":
+            return annotate_command(cfg, progress=not args.no_progress)
+        return run_command(cfg, args.run_dir, progress=not args.no_progress)
+    except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def run_command(cfg, run_dir, progress: bool) -> int:
+    from fl_core.experiment import run_experiment
+
+    record = run_experiment(cfg, run_dir, progress=progress)
     final = record["final"]
     summary = {"top1": final["top1"], **{g: final[g] for g in ("many", "medium", "few", "head", "middle", "tail")},
                "method": cfg.method.name, "profile": cfg.profile, "rounds": len(record["rounds"]),
@@ -52,5 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run record: {record['_path']}")
     print("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                                 if k in ("top1", "many", "medium", "few", "head", "middle", "tail")))
+    print(json.dumps(summary))
+    return 0
+
+
+def annotate_command(cfg, progress: bool) -> int:
+    from fl_core.experiment import annotate
+
+    first = annotate(cfg, progress)
+    second = annotate(cfg, progress=False)
+    simulated = first["mllm"]["backend"] == "simulated"
+    who = f"simulated MLLM (configured accuracy {cfg.teacher.mllm_accuracy:g})" if simulated else first["mllm"]["model"]
+    encoder = ("offline encoder (EfficientNet-Lite0 + MiniLM, not CLIP)" if cfg.teacher.clip == "offline"
+               else first["encoder"])
+    print(f"pool: {first['pool']['images']} images from {first['pool']['source']}"
+          + (f", {first['pool']['skipped']} unreadable skipped" if first["pool"]["skipped"] else ""))
+    if first["annotation_accuracy"] is not None:
+        print(f"annotation accuracy of the {who}: {100 * first['annotation_accuracy']:.2f}% (measured on the hidden labels)")
+    print(f"zero-shot top-1 of the {encoder} on the {cfg.data.dataset} test set: {100 * first['zero_shot_top1']:.2f}%")
+    print("sample captions" + (" (simulated MLLM)" if simulated else "") + ":")
+    for sample in first["sample_captions"]:
+        truth = f" [true: {sample['true_label']}]" if "true_label" in sample else ""
+        print(f"  {sample['caption']!r} -> {sample['mllm_label']}{truth}")
+    print(f"first run: {first['seconds']:.1f} s ({'cached' if first['cached'] else 'model work: ' + str(first['cache']['computed']) + ' outputs computed'}); "
+          f"second run: {second['seconds']:.2f} s ({'cached' if second['cached'] else 'not cached'}); "
+          f"speed-up {first['seconds'] / second['seconds']:.0f}x")
+    summary = {k: first[k] for k in ("annotation_accuracy", "zero_shot_top1", "seconds", "cached")}
+    summary.update({"second_seconds": second["seconds"], "second_cached": second["cached"], "simulated_mllm": simulated,
+                    "encoder": first["encoder"], "pool_images": first["pool"]["images"], "cache": first["cache"]["path"]})
     print(json.dumps(summary))
     return 0

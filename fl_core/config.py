@@ -35,6 +35,8 @@ PARTITIONS = ("creff", "dirichlet", "iid")
 METHODS = ("fedavg", "fedprox")
 ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
+MLLM_BACKENDS = ("simulated", "hf")
+CLIP_BACKENDS = ("offline", "open_clip")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class DataConfig:
     image_size: int = 0  # 0 = native size; used to resize ImageNet-LT
     many_threshold: int = 100  # classes with more training images are 'many'
     few_threshold: int = 20  # classes with fewer training images are 'few'
+    # Server-side open data no client sees: 'heldout' (MNIST validation split; for CIFAR the training
+    # images the long tail dropped), or a path: a folder of images (optional captions.jsonl) or a
+    # glob of WebDataset/img2dataset .tar shards.
+    web_pool: str = "heldout"
+    web_pool_limit: int = 0  # 0 = the whole pool, else its first N images
 
 
 @dataclass
@@ -81,6 +88,22 @@ class MethodConfig:
 
 
 @dataclass
+class TeacherConfig:
+    mllm: str = "simulated"  # 'simulated' (offline stand-in) or 'hf' (transformers image-text-to-text)
+    mllm_model: str = "llava-hf/llava-1.5-7b-hf"  # model id or local path ('hf' backend)
+    mllm_revision: str = "main"
+    mllm_accuracy: float = 0.9  # label accuracy of the simulated MLLM
+    caption_prompt: str = "Describe this image in one short sentence."
+    clip: str = "offline"  # 'offline' (MiniLM text + EfficientNet-Lite0 image + fitted map) or 'open_clip'
+    clip_model: str = "ViT-B-32"  # open_clip architecture
+    clip_pretrained: str = "openai"  # open_clip pretrained tag or a local checkpoint path
+    image_size: int = 64  # input side of the offline image encoder (CLIP backends use their own)
+    align_steps: int = 300  # steps fitting the offline image->text map on the captioned pool
+    allow_download: bool = False  # let backends fetch weights from a hub (off: fail fast offline)
+    batch_size: int = 64
+
+
+@dataclass
 class ExperimentConfig:
     profile: str = "offline"
     seed: int = 7
@@ -89,6 +112,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,12 +142,15 @@ PAPER_PROTOCOL = {
     "fl.lr": 0.1,
     "model.width": 1.0,
 }
+PAPER_TEACHERS = {"teacher.mllm": "hf", "teacher.clip": "open_clip", "teacher.batch_size": 32}
 PROFILES: dict[str, dict] = {
     # Tests and nbval: seconds per run on 2 CPU cores.
     "smoke": {
         "data.dataset": "mnist",
         "data.train_limit": 5000,
         "data.test_limit": 1000,
+        "data.web_pool_limit": 1000,
+        "teacher.align_steps": 100,
         "data.imbalance_factor": 100.0,
         "data.num_clients": 10,
         "fl.clients_per_round": 4,
@@ -144,10 +171,11 @@ PROFILES: dict[str, dict] = {
         "fl.lr": 0.1,
         "model.width": 0.25,
     },
-    "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10"},
-    "paper-cifar100": {**PAPER_PROTOCOL, "data.dataset": "cifar100"},
+    "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS},
+    "paper-cifar100": {**PAPER_PROTOCOL, "data.dataset": "cifar100", **PAPER_TEACHERS},
     "paper-imagenet": {
         **PAPER_PROTOCOL,
+        **PAPER_TEACHERS,
         "data.dataset": "imagenet_lt",
         "data.imbalance_factor": 1.0,  # ImageNet-LT's train list is long-tailed already
         "data.image_size": 112,
@@ -243,6 +271,15 @@ def validate(cfg: ExperimentConfig) -> None:
     _at_least("fl.momentum", f.momentum, 0)
     _at_least("fl.weight_decay", f.weight_decay, 0)
     _at_least("method.prox_mu", cfg.method.prox_mu, 0)
+    t = cfg.teacher
+    _choice("teacher.mllm", t.mllm, MLLM_BACKENDS)
+    _choice("teacher.clip", t.clip, CLIP_BACKENDS)
+    if not 0 <= t.mllm_accuracy <= 1:
+        raise ValueError(f"teacher.mllm_accuracy={t.mllm_accuracy!r} is invalid: it must lie in [0, 1]")
+    _at_least("teacher.image_size", t.image_size, 16)
+    _at_least("teacher.align_steps", t.align_steps, 0)
+    _at_least("teacher.batch_size", t.batch_size, 1)
+    _at_least("data.web_pool_limit", d.web_pool_limit, 0, "0 means the whole pool")
     images = expected_train_images(cfg)
     if d.num_clients > images:
         raise ValueError(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+import numpy as np
 
 from fl_core.config import ExperimentConfig, make_config
 from fl_core.data.federated import build_federated_data
@@ -41,3 +44,42 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | str | None = None, pro
 def run(profile: str = "offline", overrides: dict | None = None, **kwargs) -> dict:
     """``run_experiment(make_config(profile, overrides))``: the notebooks' one-liner."""
     return run_experiment(make_config(profile, overrides), **kwargs)
+
+
+def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> dict:
+    """Annotate the web pool with the MLLM, fit the CLIP-role encoder, score it zero-shot on the
+    test set. Teacher outputs are cached, so a second call does no model work."""
+    from fl_core.data.webpool import load_web_pool
+    from fl_core.teachers import TeacherCache, annotate_pool, build_encoder, build_mllm
+
+    tic = time.perf_counter()
+    device = resolve_device(cfg.device)
+    fed = build_federated_data(cfg, device)
+    ds = fed.dataset
+    pool = load_web_pool(cfg.data.web_pool, ds, np.concatenate(fed.client_indices), cfg.data.web_pool_limit)
+    cache = TeacherCache()
+    mllm = build_mllm(cfg, pool, ds.class_names, device)
+    annotation = annotate_pool(pool, ds.class_names, mllm, cache, cfg.teacher.caption_prompt, cfg.teacher.batch_size, progress)
+    encoder = build_encoder(cfg, cache, device, progress)
+    fit = encoder.fit(pool.images, annotation.captions, cfg.seed)
+    logits = encoder.zero_shot_logits(ds.test.images, ds.class_names)
+    zero_shot = float((logits.argmax(1) == ds.test.labels.cpu()).float().mean())
+    return {
+        "annotation_accuracy": annotation.accuracy,
+        "zero_shot_top1": zero_shot,
+        "seconds": time.perf_counter() - tic,
+        "cached": not cache.stats.model_work and fit.get("cached", True),
+        "pool": {"source": pool.source, "images": len(pool), "skipped": pool.skipped},
+        "mllm": annotation.mllm,
+        "encoder": encoder.name,
+        "encoder_fit": fit,
+        "cache": {"hits": cache.stats.hits, "computed": cache.stats.computed, "corrupt": cache.stats.corrupt,
+                  "path": str(cache.path)},
+        "label_counts": np.bincount(annotation.labels.numpy(), minlength=ds.num_classes).tolist(),
+        "sample_captions": [
+            {"caption": annotation.captions[i], "mllm_label": ds.class_names[int(annotation.labels[i])],
+             **({"true_label": ds.class_names[int(pool.hidden_labels("measure-annotation-accuracy")[i])]}
+                if pool.has_hidden_labels else {})}
+            for i in range(min(samples, len(pool)))
+        ],
+    }

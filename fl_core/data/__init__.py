@@ -6,6 +6,7 @@ from fl_core.data.federated import FederatedData, build_federated_data
 from fl_core.data.groups import class_groups, count_groups, rank_groups
 from fl_core.data.longtail import class_index_lists, long_tail_class_lists, long_tail_counts
 from fl_core.data.partition import federated_split
+from fl_core.data.webpool import WebPool, load_web_pool
 
 __all__ = [
     "LOADERS",
@@ -14,12 +15,14 @@ __all__ = [
     "FederatedData",
     "ImagePipeline",
     "ImageSplit",
+    "WebPool",
     "build_federated_data",
     "class_groups",
     "class_index_lists",
     "count_groups",
     "federated_split",
     "load_dataset",
+    "load_web_pool",
     "long_tail_class_lists",
     "long_tail_counts",
     "rank_groups",

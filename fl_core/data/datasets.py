@@ -104,7 +104,7 @@ def load_mnist(cfg: DataConfig) -> Dataset:
     (tx, ty), (vx, vy), (sx, sy) = splits
     return Dataset(
         name="mnist",
-        class_names=[str(d) for d in range(10)],
+        class_names=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
         train=to_split(tx, ty),
         test=to_split(sx, sy),
         heldout=to_split(vx, vy),

