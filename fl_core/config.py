@@ -23,16 +23,21 @@ class DatasetFacts:
     num_classes: int
     train_size: int
     already_long_tailed: bool = False
+    heldout_split: bool = False  # has a split of its own no client sees (then the web pool ignores the long tail)
 
 
 DATASETS: dict[str, DatasetFacts] = {
-    "mnist": DatasetFacts(num_classes=10, train_size=50_000),
+    "mnist": DatasetFacts(num_classes=10, train_size=50_000, heldout_split=True),
     "cifar10": DatasetFacts(num_classes=10, train_size=50_000),
     "cifar100": DatasetFacts(num_classes=100, train_size=50_000),
     "imagenet_lt": DatasetFacts(num_classes=1000, train_size=115_846, already_long_tailed=True),
 }
 PARTITIONS = ("creff", "dirichlet", "iid")
-METHODS = ("fedavg", "fedprox")
+METHODS = ("fedavg", "fedprox", "creff", "clip2fl", "mllm_fl")
+LAMBDA_SCHEDULES = ("cosine", "linear", "constant")
+ALIGN_ROUNDS = ("every", "last")
+ALIGN_SELECT = ("random", "confident")
+ALIGN_PARAMS = ("all", "classifier")
 ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
 MLLM_BACKENDS = ("simulated", "hf")
@@ -84,7 +89,43 @@ class FLConfig:
 @dataclass
 class MethodConfig:
     name: str = "fedavg"
-    prox_mu: float = 0.01  # FedProx proximal weight (used by 'fedprox' only)
+    prox_mu: float = 0.01  # FedProx proximal weight ('fedprox', and 'mllm_fl' with stage2='fedprox')
+    # MLLM-FL stage 1: global multimodal pretraining on the MLLM-captioned web pool
+    stage1: bool = True
+    dwd: bool = True  # dynamic weighted distillation from the frozen image encoder; off = plain contrastive
+    stage1_epochs: int = 10
+    stage1_batch_size: int = 256
+    stage1_lr: float = 0.05  # SGD, momentum 0.9, cosine decay
+    lambda0: float = 1.0  # DWD teacher weight at the first step
+    lambda_schedule: str = "cosine"  # how the weight hands over to the student: cosine, linear, constant
+    temperature: float = 0.07  # InfoNCE temperature; the classifier is initialised at scale 1/temperature
+    gamma: float = 1.0  # weight of the distillation term lambda * (1 - cos(s, v))
+    # MLLM-FL stage 2: federated finetuning
+    stage2: str = "fedavg"  # client update: fedavg or fedprox
+    # MLLM-FL stage 3: global alignment on a class-balanced, MLLM-labelled set
+    align: bool = True
+    align_rounds: str = "every"  # after every aggregation, or the last only
+    align_per_class: int = 100  # m images per class, by the MLLM's label (fewer where a class has fewer)
+    align_select: str = "random"  # which m: a seeded random draw, or the MLLM's most confident
+    align_epochs: int = 1
+    align_lr: float = 0.01
+    align_batch_size: int = 32
+    align_params: str = "all"  # all parameters, or the classifier only
+    beta: float = 1.0  # weight of KL(q || p)
+    # CReFF (also the base of CLIP2FL), defaults from the public code
+    creff_num_features: int = 100  # federated features per class
+    creff_match_steps: int = 100  # gradient-matching steps per round
+    creff_feature_lr: float = 0.1
+    creff_retrain_epochs: int = 300  # epochs re-training a fresh classifier on the features
+    creff_retrain_lr: float = 0.01
+    creff_retrain_batch: int = 32
+    creff_grad_reps: int = 10  # repetitions of the clients' per-class gradient computation
+    creff_grad_batch: int = 32  # images per class and repetition
+    # CLIP2FL
+    clip2fl_kd_weight: float = 1.0  # weight of the client-side distillation from CLIP's zero-shot logits
+    clip2fl_temperature: float = 3.0
+    clip2fl_contrast_weight: float = 0.001  # server-side prototype-contrastive loss
+    clip2fl_contrast_temperature: float = 0.1
 
 
 @dataclass
@@ -151,12 +192,16 @@ PROFILES: dict[str, dict] = {
         "data.test_limit": 1000,
         "data.web_pool_limit": 1000,
         "teacher.align_steps": 100,
+        "method.creff_num_features": 20,
+        "method.creff_match_steps": 20,
+        "method.creff_retrain_epochs": 50,
         "data.imbalance_factor": 100.0,
         "data.num_clients": 10,
         "fl.clients_per_round": 4,
         "fl.rounds": 3,
         "fl.local_epochs": 1,
         "fl.lr": 0.1,
+        "fl.eval_batch_size": 128,
         "model.width": 0.25,
     },
     # The embedded default of `make book`: real MNIST-LT, everything on a 2-core CPU.
@@ -166,9 +211,10 @@ PROFILES: dict[str, dict] = {
         "data.num_clients": 20,
         "data.alpha": 0.5,
         "fl.clients_per_round": 8,
-        "fl.rounds": 30,
-        "fl.local_epochs": 2,
+        "fl.rounds": 20,
+        "fl.local_epochs": 1,
         "fl.lr": 0.1,
+        "fl.eval_batch_size": 128,  # small batches evaluate twice as fast on a 2-core CPU
         "model.width": 0.25,
     },
     "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS},
@@ -183,6 +229,13 @@ PROFILES: dict[str, dict] = {
     },
 }
 DEFAULT_PROFILE = "offline"
+# Seeds the notebooks average over (mean and std) for each profile.
+PROFILE_SEEDS = {"smoke": (7,), "offline": (7, 8, 9)}
+
+
+def profile_seeds(profile: str) -> list[int]:
+    """The seeds result tables use on ``profile`` (three, except one on ``smoke``)."""
+    return list(PROFILE_SEEDS.get(profile, (7, 8, 9)))
 
 
 def make_config(profile: str = DEFAULT_PROFILE, overrides: dict | None = None) -> ExperimentConfig:
@@ -270,7 +323,28 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ValueError(f"fl.lr={f.lr!r} is invalid: the learning rate must be > 0")
     _at_least("fl.momentum", f.momentum, 0)
     _at_least("fl.weight_decay", f.weight_decay, 0)
-    _at_least("method.prox_mu", cfg.method.prox_mu, 0)
+    mc = cfg.method
+    _at_least("method.prox_mu", mc.prox_mu, 0)
+    _choice("method.lambda_schedule", mc.lambda_schedule, LAMBDA_SCHEDULES)
+    _choice("method.stage2", mc.stage2, ("fedavg", "fedprox"))
+    _choice("method.align_rounds", mc.align_rounds, ALIGN_ROUNDS)
+    _choice("method.align_select", mc.align_select, ALIGN_SELECT)
+    _choice("method.align_params", mc.align_params, ALIGN_PARAMS)
+    for name in ("stage1_epochs", "stage1_batch_size", "align_per_class", "align_epochs", "align_batch_size",
+                 "creff_num_features", "creff_retrain_batch", "creff_grad_reps", "creff_grad_batch"):
+        _at_least(f"method.{name}", getattr(mc, name), 1)
+    _at_least("method.creff_match_steps", mc.creff_match_steps, 0)
+    _at_least("method.creff_retrain_epochs", mc.creff_retrain_epochs, 0)
+    _at_least("method.clip2fl_kd_weight", mc.clip2fl_kd_weight, 0)
+    _at_least("method.clip2fl_contrast_weight", mc.clip2fl_contrast_weight, 0)
+    for name in ("stage1_lr", "temperature", "align_lr", "creff_feature_lr", "creff_retrain_lr", "clip2fl_temperature",
+                 "clip2fl_contrast_temperature"):
+        if not getattr(mc, name) > 0:
+            raise ValueError(f"method.{name}={getattr(mc, name)!r} is invalid: it must be > 0")
+    if not 0 <= mc.lambda0 <= 1:
+        raise ValueError(f"method.lambda0={mc.lambda0!r} is invalid: the DWD teacher weight must lie in [0, 1]")
+    _at_least("method.gamma", mc.gamma, 0)
+    _at_least("method.beta", mc.beta, 0)
     t = cfg.teacher
     _choice("teacher.mllm", t.mllm, MLLM_BACKENDS)
     _choice("teacher.clip", t.clip, CLIP_BACKENDS)

@@ -49,19 +49,14 @@ def run(profile: str = "offline", overrides: dict | None = None, **kwargs) -> di
 def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> dict:
     """Annotate the web pool with the MLLM, fit the CLIP-role encoder, score it zero-shot on the
     test set. Teacher outputs are cached, so a second call does no model work."""
-    from fl_core.data.webpool import load_web_pool
-    from fl_core.teachers import TeacherCache, annotate_pool, build_encoder, build_mllm
+    from fl_core.teachers.server import build_server_context
 
     tic = time.perf_counter()
     device = resolve_device(cfg.device)
     fed = build_federated_data(cfg, device)
     ds = fed.dataset
-    pool = load_web_pool(cfg.data.web_pool, ds, np.concatenate(fed.client_indices), cfg.data.web_pool_limit)
-    cache = TeacherCache()
-    mllm = build_mllm(cfg, pool, ds.class_names, device)
-    annotation = annotate_pool(pool, ds.class_names, mllm, cache, cfg.teacher.caption_prompt, cfg.teacher.batch_size, progress)
-    encoder = build_encoder(cfg, cache, device, progress)
-    fit = encoder.fit(pool.images, annotation.captions, cfg.seed)
+    server = build_server_context(cfg, fed, device, progress)
+    pool, annotation, encoder, fit, cache = server.pool, server.annotation, server.encoder, server.encoder_fit, server.cache
     logits = encoder.zero_shot_logits(ds.test.images, ds.class_names)
     zero_shot = float((logits.argmax(1) == ds.test.labels.cpu()).float().mean())
     return {
@@ -83,3 +78,15 @@ def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> 
             for i in range(min(samples, len(pool)))
         ],
     }
+
+
+def run_grid(profile: str, variants: dict[str, dict], seeds: list[int], base: dict | None = None,
+             progress: bool = True) -> list[dict]:
+    """Run each named variant (a dict of overrides) for each seed; finished runs are reused.
+    Each returned record carries its variant name under ``"_variant"``."""
+    records = []
+    for name, overrides in variants.items():
+        for seed in seeds:
+            cfg = make_config(profile, {**(base or {}), **overrides, "seed": seed})
+            records.append({**run_experiment(cfg, progress=progress), "_variant": name})
+    return records

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -51,3 +53,28 @@ def tensor_bytes(tensors) -> int:
     """Bytes of a state dict's (or an iterable's) tensors, as they would be sent."""
     values = tensors.values() if isinstance(tensors, dict) else tensors
     return int(sum(t.numel() * t.element_size() for t in values))
+
+
+def training_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one training step (forward + backward) per image, as counted by torch's
+    ``FlopCounterMode`` (convolutions and matmuls; normalisation and activations are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).train()
+    x = torch.zeros((2, *input_shape), device=next(probe.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        probe(x)[1].sum().backward()
+    return counter.get_total_flops() // 2
+
+
+def forward_flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one inference forward pass per image (``FlopCounterMode``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros((2, *input_shape), device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2

@@ -72,20 +72,24 @@ class ResNet8(nn.Module):
 class ResNet50(nn.Module):
     """torchvision ResNet-50 returning ``(features, logits)``, its ``fc`` renamed ``classifier``."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3):
+    def __init__(self, num_classes: int, in_channels: int = 3, projection_dim: int | None = None):
         super().__init__()
         from torchvision.models import resnet50
 
         net = resnet50(weights=None)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.feature_dim = net.fc.in_features
+        width = net.fc.in_features
         net.fc = nn.Identity()
         self.backbone = net
+        self.projection = nn.Linear(width, projection_dim) if projection_dim else None
+        self.feature_dim = projection_dim or width
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
+        if self.projection is not None:
+            features = self.projection(features)
         return features, self.classifier(features)
 
 
@@ -100,22 +104,30 @@ def _creff_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def resolve_arch(cfg: ModelConfig, dataset: str) -> str:
-    """``auto`` picks ResNet-50 for ImageNet-LT and ResNet-8 for the small-image datasets."""
+def resolve_arch(cfg: ModelConfig, dataset: str, method_default: str | None = None) -> str:
+    """``auto`` picks ResNet-50 for ImageNet-LT, else the method's own student (CLIP2FL's variant),
+    else ResNet-8."""
     if cfg.arch != "auto":
         return cfg.arch
-    return "resnet50" if dataset == "imagenet_lt" else "resnet8"
+    if dataset == "imagenet_lt":
+        return "resnet50"
+    return method_default or "resnet8"
 
 
-def build_model(cfg: ModelConfig, dataset: str, num_classes: int, in_channels: int, seed: int) -> nn.Module:
-    """Build the student with weights drawn from ``seed`` (the global RNG is left untouched)."""
-    arch = resolve_arch(cfg, dataset)
+def build_model(cfg: ModelConfig, dataset: str, num_classes: int, in_channels: int, seed: int,
+                projection_dim: int | None = None, method_default: str | None = None) -> nn.Module:
+    """Build the student with weights drawn from ``seed`` (the global RNG is left untouched).
+
+    ``resnet8_clip2fl`` puts a linear layer of ``projection_dim`` outputs (default 512, CLIP
+    ViT-B/32's text width) before the classifier; so does ``resnet50`` when one is given.
+    """
+    arch = resolve_arch(cfg, dataset, method_default)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if arch == "resnet8":
             return ResNet8(num_classes, in_channels, cfg.width)
         if arch == "resnet8_clip2fl":
-            return ResNet8(num_classes, in_channels, cfg.width, projection_dim=2 * max(1, round(256 * cfg.width)))
+            return ResNet8(num_classes, in_channels, cfg.width, projection_dim=projection_dim or 512)
         if arch == "resnet50":
-            return ResNet50(num_classes, in_channels)
+            return ResNet50(num_classes, in_channels, projection_dim)
     raise ValueError(f"model.arch={arch!r} is not known; choose one of: auto, resnet8, resnet8_clip2fl, resnet50")

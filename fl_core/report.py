@@ -121,9 +121,164 @@ def plot_per_class(record: dict, ax=None):
     return ax
 
 
+GROUP_NOTE = ("many/medium/few: classes with >{many}, {few}-{many}, <{few} training images; head/middle/tail: "
+              "thirds of the classes ranked by training count. Accuracies in %, mean (and std over seeds).")
+
+
+def results_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per run: variant, seed, final top-1 and group accuracies (%), client cost."""
+    rows = []
+    for r in records:
+        final = r["final"]
+        rows.append({"variant": r.get("_variant", r["method"]["name"]), "method": r["method"]["name"],
+                     "seed": r["config"]["seed"],
+                     **{k: (None if final[k] is None else 100 * final[k]) for k in ("top1", *GROUP_NAMES)},
+                     "upload MB/client/round": r["cost"]["upload_bytes_per_client_per_round"] / 1e6,
+                     "client GFLOPs/round": r["cost"]["client_flops_per_round"] / 1e9})
+    return pd.DataFrame(rows)
+
+
+def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
+    """Mean ± std over seeds of each variant's final accuracies (a group without classes: n/a)."""
+    frame = results_frame(records)
+    order = list(dict.fromkeys(frame["variant"]))
+    out = {}
+    for variant in order:
+        runs = frame[frame["variant"] == variant]
+        row = {"seeds": len(runs)}
+        for k in ("top1", *GROUP_NAMES):
+            values = runs[k].dropna()
+            if values.empty:
+                row[k] = "n/a"
+            elif len(values) == 1:
+                row[k] = f"{values.iloc[0]:.{digits}f}"
+            else:
+                row[k] = f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+        out[variant] = row
+    table = pd.DataFrame.from_dict(out, orient="index")
+    table.index.name = "variant"
+    return table
+
+
+def cost_table(records: list[dict]) -> pd.DataFrame:
+    """What one client uploads and computes per round, per variant (identical across seeds)."""
+    frame = results_frame(records).groupby("variant", sort=False)[["upload MB/client/round", "client GFLOPs/round"]]
+    return frame.mean().round(3)
+
+
+def provenance_of(records: list[dict]) -> str:
+    """Profile, seeds and commits of a set of runs, for the line under a table."""
+    profiles = sorted({r["profile"] for r in records})
+    seeds = sorted({r["config"]["seed"] for r in records})
+    commits = sorted({r["commit"][:10] + ("+dirty" if r.get("dirty") else "") for r in records})
+    return f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; commit {', '.join(commits)}"
+
+
 def provenance(record: dict) -> str:
     """Where a result came from: profile, seed, commit, device, record path."""
     commit = record["commit"][:10] + (" (uncommitted changes)" if record.get("dirty") else "")
     return (f"profile {record['profile']}, seed {record['config']['seed']}, commit {commit}, "
             f"device {record['device']}, config {record['fingerprint']}, "
             f"{record['timing']['train_seconds']:.0f} s of training")
+
+
+def plot_pool_samples(server, class_names: list[str], n: int = 12, cols: int = 6):
+    """Web-pool images with the MLLM's caption (and, for a held-out pool, the true class)."""
+    pool, ann = server.pool, server.annotation
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows))
+    truth = pool.hidden_labels("measure-annotation-accuracy") if pool.has_hidden_labels else None
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.axis("off")
+        if i >= min(n, len(pool)):
+            continue
+        image = pool.images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
+        wrong = truth is not None and int(truth[i]) != int(ann.labels[i])
+        title = "\n".join(_wrap(ann.captions[i], 26))
+        if truth is not None:
+            title += f"\n(true: {class_names[int(truth[i])]})"
+        ax.set_title(title, fontsize=7, color="firebrick" if wrong else "black")
+    who = "simulated MLLM" if ann.simulated else ann.mllm.get("model", "MLLM")
+    fig.suptitle(f"Web-pool images captioned by the {who} (red: wrong label)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def plot_annotation_confusion(server, class_names: list[str], ax=None):
+    """Row-normalised confusion of the MLLM's labels against the held-out pool's hidden labels."""
+    pool, ann = server.pool, server.annotation
+    truth = pool.hidden_labels("measure-annotation-accuracy").numpy()
+    c = len(class_names)
+    matrix = np.zeros((c, c))
+    np.add.at(matrix, (truth, ann.labels.numpy()), 1)
+    matrix = 100 * matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax = ax or plt.subplots(figsize=(6, 5))[1]
+    sns.heatmap(pd.DataFrame(matrix, index=class_names, columns=class_names), annot=c <= 12, fmt=".0f",
+                cmap="Blues", ax=ax, cbar_kws={"label": "% of the true class"})
+    ax.set(xlabel="MLLM label", ylabel="true class", title="How the MLLM labels the pool")
+    return ax
+
+
+def plot_pretraining(record: dict, axes=None):
+    """Stage 1: loss terms and the DWD teacher weight per epoch."""
+    curves = pd.DataFrame(record["method"]["pretraining"]["curves"])
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    long = curves.melt(id_vars="epoch", value_vars=["loss", "contrastive", "distill"], var_name="term", value_name="value")
+    sns.lineplot(data=long, x="epoch", y="value", hue="term", marker="o", ax=axes[0])
+    axes[0].set(title="Stage-1 loss per epoch (mean over steps)", ylabel="loss")
+    sns.lineplot(data=curves, x="epoch", y="lambda", marker="o", ax=axes[1], color="black")
+    axes[1].set(title="DWD weight of the frozen image encoder", ylabel="lambda (mean over the epoch's steps)", ylim=(-0.05, 1.05))
+    return axes
+
+
+def plot_round_curves(records: list[dict], metric: str = "top1", ax=None):
+    """One curve per variant (mean over seeds) of a per-round metric."""
+    rows = [{"variant": r.get("_variant", r["method"]["name"]), "round": e["round"], f"{metric} %": 100 * e[metric]}
+            for r in records for e in r["rounds"] if e.get(metric) is not None]
+    ax = ax or plt.subplots(figsize=(8, 3.8))[1]
+    sns.lineplot(data=pd.DataFrame(rows), x="round", y=f"{metric} %", hue="variant", marker="o", markersize=3, ax=ax)
+    ax.set(title=f"Test {metric} of the global model after each round", ylim=(-2, 102))
+    return ax
+
+
+def plot_per_class_compare(records: list[dict], ax=None):
+    """Final per-class accuracy (mean over seeds) of each variant, classes by training frequency."""
+    data = records[0]["data"]
+    counts = np.asarray(data["train_class_counts"])
+    order = np.argsort(-counts, kind="stable")
+    rows = [{"variant": r.get("_variant", r["method"]["name"]), "class": f"{data['class_names'][c]}\n(n={counts[c]})",
+             "accuracy %": 100 * r["final"]["per_class"][c]} for r in records for c in order]
+    ax = ax or plt.subplots(figsize=(max(9, 0.9 * len(order)), 3.8))[1]
+    sns.barplot(data=pd.DataFrame(rows), x="class", y="accuracy %", hue="variant", errorbar=None, ax=ax)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set(xlabel="class (training images), most frequent first", ylim=(0, 100), title="Per-class test accuracy")
+    return ax
+
+
+def plot_against(records: list[dict], values: list[float], xlabel: str, reference: dict | None = None,
+                 metrics=("top1", "head", "tail"), ax=None):
+    """Final accuracies of runs that differ in one setting (``values``), with an optional
+    reference run (e.g. FedAvg) as a dashed line."""
+    frame = results_frame(records).assign(setting=values).melt(
+        id_vars="setting", value_vars=list(metrics), var_name="metric", value_name="test accuracy %")
+    ax = ax or plt.subplots(figsize=(7, 3.8))[1]
+    sns.lineplot(data=frame, x="setting", y="test accuracy %", hue="metric", marker="o", ax=ax)
+    if reference is not None:
+        ax.axhline(100 * reference["final"]["top1"], color="gray", ls="--",
+                   label=f"{reference.get('_variant', reference['method']['name'])} top1")
+    ax.set(xlabel=xlabel, ylim=(-2, 102))
+    ax.legend()
+    return ax

@@ -15,9 +15,12 @@ def cli(*args, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedavg", "fedprox"])
-def test_run_prints_metrics_and_the_record_path_as_last_line(tmp_path, method):
-    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "creff", "clip2fl", "mllm_fl"])
+def test_run_prints_metrics_and_the_record_path_as_last_line(tmp_path, method, monkeypatch):
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
+    small = {"method.creff_match_steps": 5, "method.creff_retrain_epochs": 2, "data.web_pool_limit": 300,
+             "teacher.align_steps": 20, "method.stage1_epochs": 1}
+    sets = [f"--set={k}={v}" for k, v in {**TINY, **small}.items()]
     done = cli("run", "--profile", "smoke", "--method", method, "--run-dir", str(tmp_path / "r"), "--no-progress", *sets)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,6 +12,7 @@ import copy
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,10 +21,12 @@ from tqdm import tqdm
 from fl_core.config import ExperimentConfig, config_from_dict
 from fl_core.data.federated import FederatedData
 from fl_core.fl.sampling import client_generator, client_schedule
-from fl_core.methods.base import Method
-from fl_core.metrics import GROUP_NAMES, evaluate
+from fl_core.metrics import GROUP_NAMES, evaluate, forward_flops_per_image, training_flops_per_image
 from fl_core.models import build_model, resolve_arch
 from fl_core.results import CHECKPOINT_NAME, RECORD_NAME, device_description, git_commit, save_torch, write_json
+
+if TYPE_CHECKING:
+    from fl_core.methods.base import Method
 
 RECORD_SCHEMA = 1
 
@@ -41,15 +44,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, cfg: ExperimentConfig, method: Method, data: FederatedData, run_dir: Path | str,
+    def __init__(self, cfg: ExperimentConfig, method: "Method", data: FederatedData, run_dir: Path | str,
                  device: torch.device, progress: bool = True):
         self.cfg, self.method, self.data = cfg, method, data
         self.run_dir = Path(run_dir)
         self.device = device
         self.progress = progress
         self.groups = data.groups(cfg.data.many_threshold, cfg.data.few_threshold)
-        self.model = build_model(cfg.model, cfg.data.dataset, data.num_classes, data.dataset.channels, cfg.seed).to(device)
+        self.arch = resolve_arch(cfg.model, cfg.data.dataset, method.default_arch)
+        self.model = build_model(cfg.model, cfg.data.dataset, data.num_classes, data.dataset.channels, cfg.seed,
+                                 method.projection_dim(cfg), method.default_arch).to(device)
         self._worker: nn.Module | None = None
+        image_shape = tuple(data.dataset.train.images.shape[1:])
+        self.train_flops_per_image = training_flops_per_image(self.model, image_shape)
+        self.forward_flops_per_image = forward_flops_per_image(self.model, image_shape)
 
     def worker_model(self) -> nn.Module:
         """A scratch model loaded with the current global weights, for one client's training."""
@@ -92,6 +100,7 @@ class Engine:
                 "clients": [res.client_id for res in results],
                 "train_loss": sum(res.mean_loss * res.num_samples for res in results) / sum(res.num_samples for res in results),
                 "upload_bytes": {str(res.client_id): res.upload_bytes for res in results},
+                "client_flops": {str(res.client_id): res.flops for res in results},
                 **server,
             }
             if r % f.eval_every == 0 or r == f.rounds:
@@ -113,6 +122,7 @@ class Engine:
     def _record(self, rounds, final, status, started_at, elapsed, resumed) -> dict:
         cfg = self.cfg
         uploads = [b for entry in rounds for b in entry["upload_bytes"].values()]
+        flops = [x for entry in rounds for x in entry["client_flops"].values()]
         return {
             "schema": RECORD_SCHEMA,
             "status": status,
@@ -120,7 +130,7 @@ class Engine:
             "method": self.method.describe(),
             "fingerprint": cfg.fingerprint(),
             "config": cfg.to_dict(),
-            "arch": resolve_arch(cfg.model, cfg.data.dataset),
+            "arch": self.arch,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             **git_commit(),
             "device": device_description(self.device),
@@ -128,7 +138,9 @@ class Engine:
             "data": self.data.summary(cfg.data.many_threshold, cfg.data.few_threshold),
             "rounds": rounds,
             "final": final,
-            "cost": {"upload_bytes_per_client_per_round": (sum(uploads) / len(uploads)) if uploads else None},
+            "cost": {"upload_bytes_per_client_per_round": (sum(uploads) / len(uploads)) if uploads else None,
+                     "client_flops_per_round": (sum(flops) / len(flops)) if flops else None,
+                     "train_flops_per_image": self.train_flops_per_image},
             "timing": {"started_at": started_at, "finished_at": _now() if final else None,
                        "train_seconds": elapsed, "resumed_after_rounds": resumed},
         }

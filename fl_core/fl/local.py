@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,11 +32,13 @@ def local_sgd(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     prox_mu: float = 0.0,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LocalStats:
     """Train ``model`` in place for ``epochs`` passes over ``data`` (reshuffled each epoch, last
     batch kept even when short, as a ``DataLoader(shuffle=True)`` does).
 
-    ``prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming weights.
+    ``prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming weights;
+    ``extra_loss(logits, batch_indices)`` adds a method's term (e.g. distillation) to the objective.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,6 +55,8 @@ def local_sgd(
             _, logits = model(x)
             loss = F.cross_entropy(logits, data.labels[idx])
             objective = loss
+            if extra_loss is not None:
+                objective = objective + extra_loss(logits, idx)
             if anchor is not None:
                 objective = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
             optimizer.zero_grad(set_to_none=True)

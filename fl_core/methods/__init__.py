@@ -2,11 +2,17 @@
 
 from fl_core.config import ExperimentConfig
 from fl_core.methods.base import ClientResult, Method
+from fl_core.methods.clip2fl import CLIP2FL
+from fl_core.methods.creff import CReFF
 from fl_core.methods.fedavg import FedAvg, FedProx
+from fl_core.methods.mllm_fl import MLLMFL
 
 METHODS = {
     "fedavg": lambda cfg: FedAvg(),
     "fedprox": lambda cfg: FedProx(cfg.method.prox_mu),
+    "creff": CReFF,
+    "clip2fl": CLIP2FL,
+    "mllm_fl": MLLMFL,
 }
 
 
@@ -17,4 +23,4 @@ def make_method(cfg: ExperimentConfig) -> Method:
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["METHODS", "ClientResult", "FedAvg", "FedProx", "Method", "make_method"]
+__all__ = ["CLIP2FL", "METHODS", "CReFF", "ClientResult", "FedAvg", "FedProx", "MLLMFL", "Method", "make_method"]

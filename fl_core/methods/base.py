@@ -27,6 +27,7 @@ class ClientResult:
     state: dict[str, torch.Tensor]  # the uploaded model
     mean_loss: float
     upload_bytes: int  # everything the client sends this round
+    flops: int = 0  # the client's local compute this round (training, and any teacher it runs)
     extras: dict = field(default_factory=dict)  # method-specific uploads
 
 
@@ -35,6 +36,12 @@ class Method:
 
     name = "fedavg"
     prox_mu = 0.0
+    default_arch: str | None = None  # the student this method needs when model.arch is 'auto'
+
+    @staticmethod
+    def projection_dim(cfg) -> int | None:
+        """Width of a linear layer between features and classifier, if the method needs one."""
+        return None
 
     def setup(self, engine: "Engine") -> None:
         """Before the first round of a fresh run (not on resume): e.g. server-side pretraining."""
@@ -56,7 +63,8 @@ class Method:
             prox_mu=self.prox_mu,
         )
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return ClientResult(client_id, stats.num_samples, state, stats.mean_loss, tensor_bytes(state))
+        flops = engine.train_flops_per_image * stats.num_samples * f.local_epochs
+        return ClientResult(client_id, stats.num_samples, state, stats.mean_loss, tensor_bytes(state), flops)
 
     def aggregate(self, engine: "Engine", results: list[ClientResult]) -> None:
         """Sample-count weighted FedAvg into the global model."""

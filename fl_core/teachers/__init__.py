@@ -31,6 +31,18 @@ def build_encoder(cfg: ExperimentConfig, cache: TeacherCache, device: torch.devi
     return OpenCLIPEncoder(cache, t.clip_model, t.clip_pretrained, device, t.batch_size, t.allow_download, progress)
 
 
+def text_embedding_dim(teacher) -> int:
+    """Width of the text embeddings of the CLIP-role encoder a teacher config names (no weights loaded)."""
+    if teacher.clip == "offline":
+        return 384  # all-MiniLM-L6-v2
+    import open_clip
+
+    config = open_clip.get_model_config(teacher.clip_model)
+    if config is None:
+        raise ValueError(f"teacher.clip_model={teacher.clip_model!r} is not an open_clip model; see open_clip.list_models()")
+    return int(config["embed_dim"])
+
+
 __all__ = [
     "Annotation",
     "HFMultimodalLLM",
@@ -44,4 +56,5 @@ __all__ = [
     "build_encoder",
     "build_mllm",
     "cache_root",
+    "text_embedding_dim",
 ]

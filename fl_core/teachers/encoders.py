@@ -67,8 +67,19 @@ class ImageTextEncoder:
         emb = self.encode_text(texts).view(len(class_names), len(templates), -1).mean(1)
         return F.normalize(emb, dim=-1)
 
-    def zero_shot_logits(self, images: torch.Tensor, class_names: list[str]) -> torch.Tensor:
-        return self.logit_scale * self.encode_image(images) @ self.class_embeddings(class_names).T
+    def zero_shot_logits(self, images: torch.Tensor, class_names: list[str], templates=PROMPT_TEMPLATES) -> torch.Tensor:
+        return self.logit_scale * self.encode_image(images) @ self.class_embeddings(class_names, templates).T
+
+    def forward_flops_per_image(self) -> int:
+        """FLOPs of the image tower on one image (torch's ``FlopCounterMode``), measured once."""
+        if getattr(self, "_image_flops", None) is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            probe = torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
+            with FlopCounterMode(display=False) as counter:
+                self._image_features(probe)
+            self._image_flops = counter.get_total_flops()
+        return self._image_flops
 
     def fit(self, images: torch.Tensor, captions: list[str], seed: int = 0) -> dict:
         """Adapt to a captioned pool (only the offline encoder needs it)."""

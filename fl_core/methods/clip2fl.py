@@ -1,0 +1,95 @@
+"""CLIP2FL (Shi et al., AAAI 2024): CReFF plus CLIP knowledge on both sides.
+
+- Clients add ``weight * KL(softmax(t / T) || softmax(s / T)) * T^2`` (``batchmean``; T = 3, weight 1)
+  between their logits and CLIP's zero-shot logits of the *un-augmented* image. Those teacher logits
+  are constant per image, so they are computed once per client image (and cached) instead of on
+  every batch as the public code does; the training losses are identical.
+- The server adds CLIP2FL's prototype-contrastive loss (weight 0.001, temperature 0.1) pulling the
+  federated features to the text embedding of their class while it learns them.
+- The student is ResNet-8 with CLIP2FL's linear layer to the text dimension (256 -> 512 for
+  CLIP ViT-B/32). On the offline profile the CLIP role is played by the offline encoder
+  (EfficientNet-Lite0 + MiniLM, text dimension 384), whose image->text map was fitted on the
+  MLLM-captioned web pool: so offline, CLIP2FL too profits from that pool, indirectly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fl_core.fl.local import local_sgd
+from fl_core.methods.base import ClientResult
+from fl_core.methods.creff import CReFF, text_contrastive_loss
+from fl_core.metrics import tensor_bytes
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss as CLIP2FL computes it: batchmean KL times T^2."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean") * temperature**2
+
+
+class CLIP2FL(CReFF):
+    name = "clip2fl"
+    default_arch = "resnet8_clip2fl"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._server = None
+        self._teacher_logits: dict[int, torch.Tensor] = {}
+        self._text: torch.Tensor | None = None
+
+    @staticmethod
+    def projection_dim(cfg) -> int:
+        from fl_core.teachers import text_embedding_dim
+
+        return text_embedding_dim(cfg.teacher)
+
+    def server(self, engine):
+        if self._server is None:
+            from fl_core.teachers.server import build_server_context
+
+            self._server = build_server_context(self.cfg, engine.data, engine.device, engine.progress)
+        return self._server
+
+    def teacher_logits(self, engine, client_id: int) -> torch.Tensor:
+        """CLIP zero-shot logits of the client's un-augmented images (cached per image on disk)."""
+        if client_id not in self._teacher_logits:
+            encoder = self.server(engine).encoder
+            images = engine.data.clients[client_id].images
+            self._teacher_logits[client_id] = encoder.zero_shot_logits(images, engine.data.dataset.class_names,
+                                                                       templates=("a photo of a {}.",)).to(engine.device)
+        return self._teacher_logits[client_id]
+
+    def text_embeddings(self, engine) -> torch.Tensor:
+        if self._text is None:
+            encoder = self.server(engine).encoder
+            self._text = encoder.class_embeddings(engine.data.dataset.class_names, templates=("a photo of a {}",)).to(engine.device)
+        return self._text
+
+    def local_training(self, engine, client_id, generator) -> ClientResult:
+        m, f = self.cfg.method, self.cfg.fl
+        teacher = self.teacher_logits(engine, client_id)
+        model = engine.worker_model()
+        stats = local_sgd(
+            model, engine.data.clients[client_id], engine.data.pipeline, generator,
+            epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+            extra_loss=lambda logits, idx: m.clip2fl_kd_weight * kd_loss(logits, teacher[idx], m.clip2fl_temperature),
+        )
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        n = stats.num_samples
+        # training steps, plus one teacher forward per image (the public code runs it on every batch of every epoch)
+        flops = engine.train_flops_per_image * n * f.local_epochs + self.server(engine).encoder.forward_flops_per_image() * n
+        return ClientResult(client_id, n, state, stats.mean_loss, tensor_bytes(state), flops)
+
+    def feature_loss_extra(self, engine, features: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.method
+        return m.clip2fl_contrast_weight * text_contrastive_loss(
+            features, self.feature_labels(engine), self.text_embeddings(engine), m.clip2fl_contrast_temperature)
+
+    def describe(self) -> dict:
+        m = self.cfg.method
+        info = {k: getattr(m, k) for k in ("clip2fl_kd_weight", "clip2fl_temperature", "clip2fl_contrast_weight",
+                                           "clip2fl_contrast_temperature")}
+        teacher = "offline encoder (EfficientNet-Lite0 + MiniLM, not CLIP)" if self.cfg.teacher.clip == "offline" else "open_clip"
+        return {**super().describe(), "name": self.name, **info, "clip_role": teacher}
