@@ -282,3 +282,17 @@ def plot_against(records: list[dict], values: list[float], xlabel: str, referenc
     ax.set(xlabel=xlabel, ylim=(-2, 102))
     ax.legend()
     return ax
+
+
+def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
+    """Zero-shot accuracy (%) of the frozen CLIP-role encoder and of the student after stage 1."""
+    names = record["data"]["class_names"]
+    teacher_logits = server.encoder.zero_shot_logits(test_split.images, names)
+    teacher_top1 = float((teacher_logits.argmax(1) == test_split.labels.cpu()).float().mean())
+    student = record["method"]["pretraining"]["zero_shot"]
+    label = "offline encoder (not CLIP)" if server.encoder.name.startswith("offline") else server.encoder.name
+    rows = {f"teacher: {label}": {"top1": round(100 * teacher_top1, 1), **{g: "" for g in GROUP_NAMES}},
+            "student after stage 1 (ResNet-8)": {
+                "top1": round(100 * student["top1"], 1),
+                **{g: "n/a" if student[g] is None else round(100 * student[g], 1) for g in GROUP_NAMES}}}
+    return pd.DataFrame.from_dict(rows, orient="index")

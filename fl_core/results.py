@@ -62,8 +62,12 @@ def find_records(root: Path | str, complete_only: bool = True) -> list[dict]:
     return records
 
 
+RESULT_PATHS = ("fl_core", "notebooks", "pyproject.toml")  # what can change a result
+
+
 def git_commit() -> dict:
-    """Commit of the code that ran (``dirty`` when the tree had uncommitted changes)."""
+    """Commit of the code that ran; ``dirty`` when the code or notebooks had uncommitted changes
+    (edits elsewhere, e.g. the README, cannot change a result)."""
     here = Path(__file__).resolve().parent
 
     def git(*args) -> str:
@@ -72,7 +76,7 @@ def git_commit() -> dict:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", *(f":/{p}" for p in RESULT_PATHS)))
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
     return {"commit": commit or "unknown", "dirty": dirty}

@@ -11,7 +11,7 @@ from fl_core.data.augment import random_crop, random_flip
 
 @pytest.fixture(scope="module")
 def mnist():
-    return load_dataset(make_config("offline").data)
+    return load_dataset(make_config("offline", {"data.test_limit": 0}).data)
 
 
 def test_mnist_is_the_real_thing(mnist):
