@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export FL_CORE_RUNS ?= $(CURDIR)/runs
 
-.PHONY: setup book test notebooks clean
+.PHONY: setup book test bench notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ book: setup
 test: setup
 	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q tests
 	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env -p no:cacheprovider notebooks
+
+# Client-loop speed against the peers' way (issue 8); prints a table and one JSON line.
+bench: setup
+	$(PY) benchmarks/round_speed.py --profile $(PROFILE)
 
 # Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares).
 notebooks: setup

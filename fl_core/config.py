@@ -40,6 +40,9 @@ ALIGN_SELECT = ("random", "confident")
 ALIGN_PARAMS = ("all", "classifier")
 ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
+CLIENT_TRAINING = ("auto", "sequential", "vectorized")
+# settings that change how a run executes, not its results (left out of the fingerprint)
+EXECUTION_ONLY = ("profile", "fl.client_training")
 MLLM_BACKENDS = ("simulated", "hf")
 CLIP_BACKENDS = ("offline", "open_clip")
 
@@ -84,6 +87,9 @@ class FLConfig:
     weight_decay: float = 0.0
     eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
     eval_batch_size: int = 500
+    # how a round's clients are trained: one after another, all at once (vmap), or auto (at once on
+    # CUDA for plain-SGD methods); equal results within float tolerance, so not part of the fingerprint
+    client_training: str = "auto"
 
 
 @dataclass
@@ -164,7 +170,7 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (the profile name does not)."""
-        settings = {k: v for k, v in self.flat().items() if k != "profile"}
+        settings = {k: v for k, v in self.flat().items() if k not in EXECUTION_ONLY}
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -298,6 +304,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("method.name", cfg.method.name, METHODS)
     _choice("model.arch", m.arch, ARCHS)
     _choice("device", cfg.device, DEVICES)
+    _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
     _choice("profile", cfg.profile, PROFILES)
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
     if not d.alpha > 0:

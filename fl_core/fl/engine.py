@@ -43,6 +43,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_client_training(mode: str, device: torch.device, method: "Method") -> bool:
+    """Whether the round's clients are trained together (``fl.client_training``): ``auto`` does so on
+    CUDA for methods whose clients run plain local SGD; on a compute-bound CPU it is slower."""
+    if mode == "vectorized" and not method.vectorizable:
+        raise ValueError(f"fl.client_training='vectorized' is not available for method {method.name!r} (its clients "
+                         "do more than local SGD); use auto or sequential")
+    return mode == "vectorized" or (mode == "auto" and device.type == "cuda" and method.vectorizable)
+
+
 class Engine:
     def __init__(self, cfg: ExperimentConfig, method: "Method", data: FederatedData, run_dir: Path | str,
                  device: torch.device, progress: bool = True):
@@ -55,6 +64,8 @@ class Engine:
         self.model = build_model(cfg.model, cfg.data.dataset, data.num_classes, data.dataset.channels, cfg.seed,
                                  method.projection_dim(cfg), method.default_arch).to(device)
         self._worker: nn.Module | None = None
+        self.vectorized = resolve_client_training(cfg.fl.client_training, device, method)
+        self.runner = "in-process"  # or "flower" (fl_core.flower drives the rounds)
         image_shape = tuple(data.dataset.train.images.shape[1:])
         self.train_flops_per_image = training_flops_per_image(self.model, image_shape)
         self.forward_flops_per_image = forward_flops_per_image(self.model, image_shape)
@@ -74,53 +85,80 @@ class Engine:
     def run(self) -> dict:
         """Run (or resume) all rounds; returns the final run record."""
         cfg, f = self.cfg, self.cfg.fl
-        checkpoint = load_checkpoint(self.run_dir, cfg)
+        self.start()
+        bar = tqdm(range(self.completed_rounds + 1, f.rounds + 1), desc=f"{self.method.name} rounds",
+                   disable=not self.progress, initial=self.completed_rounds, total=f.rounds)
+        for r in bar:
+            tic = time.perf_counter()
+            client_ids = self.clients_of_round(r)
+            results = self.method.train_clients(self, client_ids, [client_generator(cfg.seed, r, k) for k in client_ids])
+            entry = self.complete_round(r, results, tic)
+            if "top1" in entry:
+                bar.set_postfix(top1=f"{entry['top1']:.3f}")
+        return self.finish()
+
+    @property
+    def completed_rounds(self) -> int:
+        return len(self._rounds)
+
+    def clients_of_round(self, round_idx: int) -> list[int]:
+        """The clients the seeded schedule samples in round ``round_idx`` (1-based)."""
+        f = self.cfg.fl
+        return [int(k) for k in client_schedule(self.cfg.seed, self.cfg.data.num_clients, f.clients_per_round, f.rounds)[round_idx - 1]]
+
+    def start(self) -> None:
+        """Resume from the run directory's checkpoint, or do the method's setup for a fresh run."""
+        checkpoint = load_checkpoint(self.run_dir, self.cfg)
         if checkpoint is None:
-            rounds, resumed, elapsed, last_metrics = [], [], 0.0, None
-            started_at = _now()
+            self._rounds, self._resumed, self._elapsed, self._last_metrics = [], [], 0.0, None
+            self._started_at = _now()
             self.method.setup(self)
         else:
             self.model.load_state_dict(checkpoint["model"])
             self.method.load_state_dict(checkpoint["method"])
-            rounds, elapsed, started_at = checkpoint["rounds"], checkpoint["elapsed"], checkpoint["started_at"]
-            last_metrics = checkpoint["last_metrics"]
-            resumed = checkpoint["resumed"] + [len(rounds)]
-        schedule = client_schedule(cfg.seed, cfg.data.num_clients, f.clients_per_round, f.rounds)
-        bar = tqdm(range(len(rounds) + 1, f.rounds + 1), desc=f"{self.method.name} rounds",
-                   disable=not self.progress, initial=len(rounds), total=f.rounds)
-        for r in bar:
-            tic = time.perf_counter()
-            results = []
-            for k in tqdm(schedule[r - 1], desc=f"round {r} clients", leave=False, disable=not self.progress):
-                results.append(self.method.client_update(self, int(k), client_generator(cfg.seed, r, int(k))))
-            self.method.aggregate(self, results)
-            server = self.method.after_aggregation(self, r)
-            entry = {
-                "round": r,
-                "clients": [res.client_id for res in results],
-                "train_loss": sum(res.mean_loss * res.num_samples for res in results) / sum(res.num_samples for res in results),
-                "upload_bytes": {str(res.client_id): res.upload_bytes for res in results},
-                "client_flops": {str(res.client_id): res.flops for res in results},
-                **server,
-            }
-            if r % f.eval_every == 0 or r == f.rounds:
-                last_metrics = self.evaluate()
-                entry.update({k: last_metrics[k] for k in ("top1", *GROUP_NAMES)})
-                bar.set_postfix(top1=f"{last_metrics['top1']:.3f}")
-            entry["seconds"] = time.perf_counter() - tic
-            elapsed += entry["seconds"]
-            rounds.append(entry)
-            state = {"fingerprint": cfg.fingerprint(), "config": cfg.to_dict(), "model": self.model.state_dict(),
-                     "method": self.method.state_dict(), "rounds": rounds, "elapsed": elapsed,
-                     "started_at": started_at, "resumed": resumed, "last_metrics": last_metrics}
-            save_torch(self.run_dir / CHECKPOINT_NAME, state)
-            write_json(self.run_dir / RECORD_NAME, self._record(rounds, None, "running", started_at, elapsed, resumed))
-        record = self._record(rounds, last_metrics, "complete", started_at, elapsed, resumed)
+            self._rounds, self._elapsed = checkpoint["rounds"], checkpoint["elapsed"]
+            self._started_at, self._last_metrics = checkpoint["started_at"], checkpoint["last_metrics"]
+            self._resumed = checkpoint["resumed"] + [len(self._rounds)]
+
+    def complete_round(self, r: int, results: list, tic: float, failed: dict[int, str] | None = None) -> dict:
+        """Aggregate the clients' results of round ``r``, do the server's work, evaluate, record and
+        checkpoint. ``failed`` names clients that were sampled but did not report (and why)."""
+        if not results:
+            raise RuntimeError(f"round {r}: no client reported back (failed: {failed}); nothing to aggregate")
+        self.method.aggregate(self, results)
+        server = self.method.after_aggregation(self, r)
+        entry = {
+            "round": r,
+            "clients": [res.client_id for res in results],
+            "train_loss": sum(res.mean_loss * res.num_samples for res in results) / sum(res.num_samples for res in results),
+            "upload_bytes": {str(res.client_id): res.upload_bytes for res in results},
+            "client_flops": {str(res.client_id): res.flops for res in results},
+            **server,
+        }
+        if failed:
+            entry["failed_clients"] = {str(k): why for k, why in failed.items()}
+        if r % self.cfg.fl.eval_every == 0 or r == self.cfg.fl.rounds:
+            self._last_metrics = self.evaluate()
+            entry.update({k: self._last_metrics[k] for k in ("top1", *GROUP_NAMES)})
+        entry["seconds"] = time.perf_counter() - tic
+        self._elapsed += entry["seconds"]
+        self._rounds.append(entry)
+        state = {"fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(), "model": self.model.state_dict(),
+                 "method": self.method.state_dict(), "rounds": self._rounds, "elapsed": self._elapsed,
+                 "started_at": self._started_at, "resumed": self._resumed, "last_metrics": self._last_metrics}
+        save_torch(self.run_dir / CHECKPOINT_NAME, state)
+        write_json(self.run_dir / RECORD_NAME, self._record("running"))
+        return entry
+
+    def finish(self) -> dict:
+        """Write and return the final record."""
+        record = self._record("complete")
         write_json(self.run_dir / RECORD_NAME, record)
         return record
 
-    def _record(self, rounds, final, status, started_at, elapsed, resumed) -> dict:
-        cfg = self.cfg
+    def _record(self, status: str) -> dict:
+        cfg, rounds = self.cfg, self._rounds
+        final = self._last_metrics if status == "complete" else None
         uploads = [b for entry in rounds for b in entry["upload_bytes"].values()]
         flops = [x for entry in rounds for x in entry["client_flops"].values()]
         return {
@@ -134,6 +172,7 @@ class Engine:
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             **git_commit(),
             "device": device_description(self.device),
+            "runner": self.runner,
             "torch": torch.__version__,
             "data": self.data.summary(cfg.data.many_threshold, cfg.data.few_threshold),
             "rounds": rounds,
@@ -141,8 +180,8 @@ class Engine:
             "cost": {"upload_bytes_per_client_per_round": (sum(uploads) / len(uploads)) if uploads else None,
                      "client_flops_per_round": (sum(flops) / len(flops)) if flops else None,
                      "train_flops_per_image": self.train_flops_per_image},
-            "timing": {"started_at": started_at, "finished_at": _now() if final else None,
-                       "train_seconds": elapsed, "resumed_after_rounds": resumed},
+            "timing": {"started_at": self._started_at, "finished_at": _now() if final else None,
+                       "train_seconds": self._elapsed, "resumed_after_rounds": self._resumed},
         }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,19 @@ class LocalStats:
     mean_loss: float
 
 
+def client_batches(data: ImageSplit, pipeline: ImagePipeline, generator: torch.Generator, *, epochs: int,
+                   batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(augmented images, labels, indices)`` of every local step: reshuffled each epoch, last batch
+    kept even when short, as a ``DataLoader(shuffle=True)`` does. All randomness comes from
+    ``generator``, drawn in step order, so clients trained together draw what they draw alone."""
+    n = len(data)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(data.images.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield pipeline.train_batch(data.images[idx], generator), data.labels[idx], idx
+
+
 def local_sgd(
     model: nn.Module,
     data: ImageSplit,
@@ -34,8 +47,7 @@ def local_sgd(
     prox_mu: float = 0.0,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LocalStats:
-    """Train ``model`` in place for ``epochs`` passes over ``data`` (reshuffled each epoch, last
-    batch kept even when short, as a ``DataLoader(shuffle=True)`` does).
+    """Train ``model`` in place for ``epochs`` passes over ``data`` (see ``client_batches``).
 
     ``prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming weights;
     ``extra_loss(logits, batch_indices)`` adds a method's term (e.g. distillation) to the objective.
@@ -44,24 +56,19 @@ def local_sgd(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n = len(data)
     total_loss = torch.zeros((), device=data.images.device)
     steps = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(data.images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            x = pipeline.train_batch(data.images[idx], generator)
-            _, logits = model(x)
-            loss = F.cross_entropy(logits, data.labels[idx])
-            objective = loss
-            if extra_loss is not None:
-                objective = objective + extra_loss(logits, idx)
-            if anchor is not None:
-                objective = loss + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            total_loss += loss.detach()
-            steps += 1
-    return LocalStats(num_samples=n, steps=steps, mean_loss=float(total_loss) / max(steps, 1))
+    for x, y, idx in client_batches(data, pipeline, generator, epochs=epochs, batch_size=batch_size):
+        _, logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        objective = loss
+        if extra_loss is not None:
+            objective = objective + extra_loss(logits, idx)
+        if anchor is not None:
+            objective = objective + prox_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        total_loss += loss.detach()
+        steps += 1
+    return LocalStats(num_samples=len(data), steps=steps, mean_loss=float(total_loss) / max(steps, 1))

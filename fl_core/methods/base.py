@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from fl_core.fl.aggregate import weighted_average
-from fl_core.fl.local import local_sgd
+from fl_core.fl.local import LocalStats, local_sgd
+from fl_core.fl.vectorized import train_clients_vectorized
 from fl_core.metrics import tensor_bytes
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ class Method:
     name = "fedavg"
     prox_mu = 0.0
     default_arch: str | None = None  # the student this method needs when model.arch is 'auto'
+    vectorizable = True  # clients do plain local SGD, so they can be trained together
+
 
     @staticmethod
     def projection_dim(cfg) -> int | None:
@@ -45,6 +49,20 @@ class Method:
 
     def setup(self, engine: "Engine") -> None:
         """Before the first round of a fresh run (not on resume): e.g. server-side pretraining."""
+
+    def train_clients(self, engine: "Engine", client_ids: list[int], generators: list[torch.Generator]) -> list[ClientResult]:
+        """Local training of the round's sampled clients: one after another, or all at once when
+        the engine trains clients vectorized (same results within float tolerance)."""
+        if not engine.vectorized:
+            return [self.client_update(engine, k, g) for k, g in
+                    zip(tqdm(client_ids, desc="clients", leave=False, disable=not engine.progress), generators)]
+        f = engine.cfg.fl
+        outcomes = train_clients_vectorized(
+            engine.model, [engine.data.clients[k] for k in client_ids], engine.data.pipeline, generators,
+            epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum,
+            weight_decay=f.weight_decay, prox_mu=self.prox_mu,
+        )
+        return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
 
     def client_update(self, engine: "Engine", client_id: int, generator: torch.Generator) -> ClientResult:
         """Local training of one sampled client, starting from the global model."""
@@ -62,8 +80,12 @@ class Method:
             weight_decay=f.weight_decay,
             prox_mu=self.prox_mu,
         )
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        flops = engine.train_flops_per_image * stats.num_samples * f.local_epochs
+        return self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
+
+    @staticmethod
+    def client_result(engine: "Engine", client_id: int, state: dict[str, torch.Tensor], stats: LocalStats) -> ClientResult:
+        """What a plain local-SGD client uploads (its model) and computes (its training steps)."""
+        flops = engine.train_flops_per_image * stats.num_samples * engine.cfg.fl.local_epochs
         return ClientResult(client_id, stats.num_samples, state, stats.mean_loss, tensor_bytes(state), flops)
 
     def aggregate(self, engine: "Engine", results: list[ClientResult]) -> None:

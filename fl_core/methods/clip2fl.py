@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from fl_core.fl.local import local_sgd
 from fl_core.methods.base import ClientResult
 from fl_core.methods.creff import CReFF, text_contrastive_loss
-from fl_core.metrics import tensor_bytes
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,11 +75,10 @@ class CLIP2FL(CReFF):
             epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
             extra_loss=lambda logits, idx: m.clip2fl_kd_weight * kd_loss(logits, teacher[idx], m.clip2fl_temperature),
         )
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        n = stats.num_samples
-        # training steps, plus one teacher forward per image (the public code runs it on every batch of every epoch)
-        flops = engine.train_flops_per_image * n * f.local_epochs + self.server(engine).encoder.forward_flops_per_image() * n
-        return ClientResult(client_id, n, state, stats.mean_loss, tensor_bytes(state), flops)
+        result = self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
+        # plus one teacher forward per image (the public code runs it on every batch of every epoch)
+        result.flops += self.server(engine).encoder.forward_flops_per_image() * stats.num_samples
+        return result
 
     def feature_loss_extra(self, engine, features: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method

@@ -94,6 +94,7 @@ def retrain_classifier(features: torch.Tensor, labels: torch.Tensor, weight: tor
 
 class CReFF(Method):
     name = "creff"
+    vectorizable = False  # clients also upload per-class gradients (trained one after another)
 
     def __init__(self, cfg):
         self.cfg = cfg

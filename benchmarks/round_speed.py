@@ -1,0 +1,234 @@
+"""How fast one round's client work runs: our loops against the peers' way, in one run.
+
+On the chosen profile's data and model (default ``offline``: MNIST-LT, ResNet-8 at width 0.25),
+the clients sampled in round 1 train from the same global model, timed as
+
+(a) reference: the peers' loop (CReFF/CLIP2FL code): a ``DataLoader`` over a dataset applying
+    per-image torchvision transforms to PIL images, a deep-copied model and optimizer per client;
+(b) our sequential engine (``fl.client_training=sequential``): data on the device, batched
+    augmentation, one scratch model;
+(c) our vectorized engine (``fl.client_training=vectorized``): all clients in one vmap-ed step;
+(d) one CLIP2FL round's client training and server classifier re-training, the peers' way (teacher
+    forward on every batch, ``nn.Linear`` + autograd + ``DataLoader`` for the 300 re-training epochs)
+    against ours (teacher logits computed once per image and reused, the re-training written out).
+    Ours is timed in steady state: the teacher logits of a client exist after its first round.
+
+It prints images/s, the speed-ups against (a) and (d), and the FLOP/s of local training as a
+fraction of the machine's fp32 matmul FLOP/s measured in the same run. The last stdout line is one
+JSON object. Usage: ``python benchmarks/round_speed.py [--profile offline] [--local-epochs N] [--set k=v ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import transforms
+
+from fl_core.config import make_config, parse_set_args
+from fl_core.data.federated import build_federated_data
+from fl_core.fl import Engine, client_generator, client_schedule, resolve_device
+from fl_core.methods import make_method
+from fl_core.methods.clip2fl import kd_loss
+from fl_core.methods.creff import retrain_classifier
+from fl_core.results import device_description
+
+
+def matmul_flops_per_second(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Best-of-``repeats`` fp32 ``n x n`` matmul throughput: the machine's practical peak."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        tic = _sync_time(device)
+        a @ b
+        best = min(best, _sync_time(device) - tic)
+    return 2 * n**3 / best
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+# -- the peers' way ---------------------------------------------------------------------------------
+class PeerImageDataset(Dataset):
+    """As the peers' code feeds clients: one image at a time through PIL and torchvision transforms
+    (and, for CLIP2FL, the un-augmented image for the teacher)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images.cpu(), labels.cpu(), transform
+        self.to_pil = transforms.ToPILImage()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.to_pil(self.images[i])), self.images[i], self.labels[i]
+
+
+def peer_transform(pipeline, side: int):
+    steps = [transforms.RandomCrop(side, padding=pipeline.crop_padding)] if pipeline.crop_padding else []
+    steps += [transforms.RandomHorizontalFlip()] if pipeline.flip else []
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(pipeline.mean, pipeline.std)])
+
+
+def peer_client_training(global_model: nn.Module, data, pipeline, device, f, teacher=None, kd=None) -> int:
+    """One client's local epochs the peers' way; returns the images processed."""
+    model = copy.deepcopy(global_model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    loader = DataLoader(PeerImageDataset(data.images, data.labels, peer_transform(pipeline, data.images.shape[-1])),
+                        batch_size=f.batch_size, shuffle=True)
+    seen = 0
+    for _ in range(f.local_epochs):
+        for x, raw, y in loader:
+            x, y = x.to(device), y.to(device)
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(raw.to(device))  # on every batch of every epoch
+                loss = loss + kd(logits, teacher_logits)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+    return seen
+
+
+def peer_retrain_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, m) -> None:
+    """CReFF's server re-training as its code runs it: nn.Linear, CrossEntropyLoss, SGD, DataLoader."""
+    linear = nn.Linear(features.shape[1], num_classes).to(features.device)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=m.creff_retrain_lr)
+    loader = DataLoader(TensorDataset(features, labels), batch_size=m.creff_retrain_batch, shuffle=True)
+    for _ in range(m.creff_retrain_epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(linear(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+def timed(device, fn) -> float:
+    tic = _sync_time(device)
+    fn()
+    return _sync_time(device) - tic
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="offline")
+    parser.add_argument("--local-epochs", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
+    args = parser.parse_args(argv)
+    overrides = {"device": args.device, **parse_set_args(args.set)}
+    if args.local_epochs:
+        overrides["fl.local_epochs"] = args.local_epochs
+    cfg = make_config(args.profile, overrides)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(0)
+    peak = matmul_flops_per_second(device)
+    print(f"machine: {device_description(device)}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+
+    data = build_federated_data(cfg, device)
+    f = cfg.fl
+    clients = [int(k) for k in client_schedule(cfg.seed, cfg.data.num_clients, f.clients_per_round, 1)[0]]
+    generators = lambda: [client_generator(cfg.seed, 1, k) for k in clients]  # noqa: E731
+    images = sum(len(data.clients[k]) for k in clients) * f.local_epochs
+    scratch = tempfile.mkdtemp()
+    engine = Engine(cfg, make_method(cfg), data, scratch, device, progress=False)
+    print(f"{args.profile}: {len(clients)} clients x {f.local_epochs} local epoch(s), {images} images, "
+          f"batch {f.batch_size}, {engine.arch} at width {cfg.model.width}")
+
+    seconds = {}
+    seconds["reference"] = timed(device, lambda: [peer_client_training(engine.model, data.clients[k], data.pipeline, device, f)
+                                                  for k in clients])
+    for mode in ("sequential", "vectorized"):
+        engine.vectorized = mode == "vectorized"
+        engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up (vmap tracing, allocator)
+        seconds[mode] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()))
+
+    # (d) CLIP2FL: client training with the teacher + the server's classifier re-training
+    cfg_c = make_config(args.profile, {**overrides, "method.name": "clip2fl"})
+    clip2fl = make_method(cfg_c)
+    engine_c = Engine(cfg_c, clip2fl, data, scratch, device, progress=False)
+    clip2fl.setup(engine_c)
+    server = clip2fl.server(engine_c)
+    encoder, text = server.encoder, server.encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
+    text = text.to(device)
+    m = cfg_c.method
+    first_visit = timed(device, lambda: [clip2fl.teacher_logits(engine_c, k) for k in clients])
+
+    def teacher(raw):
+        return encoder.logit_scale * F.normalize(encoder.project_image(encoder._image_features(raw)), dim=-1).to(device) @ text.T
+
+    def kd(logits, teacher_logits):
+        return m.clip2fl_kd_weight * kd_loss(logits, teacher_logits, m.clip2fl_temperature)
+
+    features = clip2fl.features.detach()
+    labels = clip2fl.feature_labels(engine_c)
+    fresh = nn.Linear(features.shape[1], data.num_classes).to(device)
+
+    def peers_round():
+        for k in clients:
+            peer_client_training(engine_c.model, data.clients[k], data.pipeline, device, f, teacher, kd)
+        peer_retrain_classifier(features, labels, data.num_classes, m)
+
+    def our_round():
+        for k, gen in zip(clients, generators()):
+            clip2fl.local_training(engine_c, k, gen)
+        retrain_classifier(features, labels, fresh.weight.detach(), fresh.bias.detach(), torch.Generator().manual_seed(0),
+                           epochs=m.creff_retrain_epochs, lr=m.creff_retrain_lr, batch_size=m.creff_retrain_batch)
+
+    seconds["clip2fl_reference"] = timed(device, peers_round)
+    seconds["clip2fl_ours"] = timed(device, our_round)
+
+    flops = engine.train_flops_per_image * images
+    rate = {k: images / seconds[k] for k in ("reference", "sequential", "vectorized")}
+    result = {
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "machine": f"{device_description(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "profile": args.profile,
+        "clients": len(clients),
+        "local_epochs": f.local_epochs,
+        "images": images,
+        "matmul_gflops": peak / 1e9,
+        "seconds": seconds,
+        "images_per_second": rate,
+        "ratio_sequential_vs_reference": seconds["reference"] / seconds["sequential"],
+        "ratio_vectorized_vs_reference": seconds["reference"] / seconds["vectorized"],
+        "ratio_vectorized_vs_sequential": seconds["sequential"] / seconds["vectorized"],
+        "ratio_clip2fl_vs_reference": seconds["clip2fl_reference"] / seconds["clip2fl_ours"],
+        "clip2fl_teacher_first_visit_seconds": first_visit,
+        "fraction_of_matmul_peak": flops / seconds["sequential"] / peak,
+        "fraction_of_matmul_peak_vectorized": flops / seconds["vectorized"] / peak,
+        "auto_client_training": "vectorized" if device.type == "cuda" else "sequential",
+    }
+    print(f"\n{'loop':<34}{'seconds':>9}{'images/s':>10}{'vs (a)':>8}{'of peak':>9}")
+    for label, key in (("(a) reference (peers' loop)", "reference"), ("(b) ours, sequential", "sequential"),
+                       ("(c) ours, vectorized", "vectorized")):
+        print(f"{label:<34}{seconds[key]:>9.2f}{rate[key]:>10.0f}{seconds['reference'] / seconds[key]:>7.2f}x"
+              f"{flops / seconds[key] / peak:>9.1%}")
+    print(f"{'(d) CLIP2FL round, peers way':<34}{seconds['clip2fl_reference']:>9.2f}")
+    print(f"{'(d) CLIP2FL round, ours':<34}{seconds['clip2fl_ours']:>9.2f}{'':>10}"
+          f"{result['ratio_clip2fl_vs_reference']:>7.2f}x")
+    print(f"(teacher logits of these clients' images, first visit: {first_visit:.2f} s, once per run)")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+
+@pytest.mark.slow
+def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
+    path = Path(__file__).parents[1] / "benchmarks" / "round_speed.py"
+    spec = importlib.util.spec_from_file_location("round_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = {**TINY, "method.creff_retrain_epochs": 2}
+    result = bench.main(["--profile", "smoke", "--set", *(f"{k}={v}" for k, v in tiny.items())])
+    for key in ("ratio_sequential_vs_reference", "ratio_vectorized_vs_reference", "ratio_clip2fl_vs_reference",
+                "fraction_of_matmul_peak"):
+        assert result[key] > 0
+    assert result["images"] > 0 and set(result["seconds"]) == {"reference", "sequential", "vectorized", "clip2fl_reference", "clip2fl_ours"}
+    assert result["auto_client_training"] == "sequential"  # no CUDA in the test environment
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
