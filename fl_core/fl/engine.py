@@ -1,9 +1,10 @@
 """In-process federated simulation: the round loop, checkpoint/resume and the run record.
 
-Each round: the seeded schedule picks clients, each trains from the global model through the
-method's ``client_update``, the method aggregates and does its server work, the evaluation model
-is scored on the test set, and a checkpoint is written. A run started again in the same directory
-continues after the last completed round and ends with the same record.
+Each round: the seeded schedule picks clients, they train from the global model through the
+method's ``train_clients`` (one after another, or vectorized), the method aggregates and does its
+server work, the evaluation model is scored on the test set, and a checkpoint is written. A run
+started again in the same directory continues after the last completed round and ends with the same
+record. ``start`` / ``complete_round`` / ``finish`` let another driver (``fl_core.flower``) run the rounds.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Engine:
         self._worker: nn.Module | None = None
         self.vectorized = resolve_client_training(cfg.fl.client_training, device, method)
         self.runner = "in-process"  # or "flower" (fl_core.flower drives the rounds)
+        self._schedule = client_schedule(cfg.seed, cfg.data.num_clients, cfg.fl.clients_per_round, cfg.fl.rounds)
         image_shape = tuple(data.dataset.train.images.shape[1:])
         self.train_flops_per_image = training_flops_per_image(self.model, image_shape)
         self.forward_flops_per_image = forward_flops_per_image(self.model, image_shape)
@@ -103,8 +105,7 @@ class Engine:
 
     def clients_of_round(self, round_idx: int) -> list[int]:
         """The clients the seeded schedule samples in round ``round_idx`` (1-based)."""
-        f = self.cfg.fl
-        return [int(k) for k in client_schedule(self.cfg.seed, self.cfg.data.num_clients, f.clients_per_round, f.rounds)[round_idx - 1]]
+        return [int(k) for k in self._schedule[round_idx - 1]]
 
     def start(self) -> None:
         """Resume from the run directory's checkpoint, or do the method's setup for a fresh run."""

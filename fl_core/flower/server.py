@@ -34,6 +34,7 @@ class PartitionStrategy(FedAvg):
     def __init__(self, engine, nodes: dict[int, int], first_round: int):
         super().__init__(fraction_evaluate=0.0, min_available_nodes=0)
         self.engine, self.nodes, self.offset = engine, nodes, first_round - 1
+        self.partition_of = {node: k for k, node in nodes.items()}
         self._tic = time.perf_counter()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -49,10 +50,8 @@ class PartitionStrategy(FedAvg):
         sampled = self.engine.clients_of_round(r)
         by_partition, failed = {}, {}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            k = next((p for p, n in self.nodes.items() if n == node), None)
             if reply.has_error():
-                failed[k] = f"error {reply.error.code}: {reply.error.reason}"
+                failed[self.partition_of.get(reply.metadata.src_node_id)] = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 by_partition[int(reply.content["metrics"]["partition-id"])] = reply.content
         failed.update({k: "no reply before the timeout" for k in sampled if k not in by_partition and k not in failed})
