@@ -172,8 +172,8 @@ def main(argv=None) -> dict:
     clip2fl = make_method(cfg_c)
     engine_c = Engine(cfg_c, clip2fl, data, scratch, device, progress=False)
     clip2fl.setup(engine_c)
-    server = clip2fl.server(engine_c)
-    encoder, text = server.encoder, server.encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
+    encoder = clip2fl.encoder(engine_c)
+    text = encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
     text = text.to(device)
     m = cfg_c.method
     first_visit = timed(device, lambda: [clip2fl.teacher_logits(engine_c, k) for k in clients])

@@ -178,3 +178,18 @@ def test_creff_and_clip2fl_runs_record_extra_upload_and_compute(tiny_config, tea
     # CLIP2FL's clients also run the teacher once per image: more compute than CReFF's
     assert clip2fl["cost"]["client_flops_per_round"] > creff["cost"]["client_flops_per_round"]
     assert clip2fl["method"]["clip_role"].startswith("offline encoder")
+
+
+def test_clip2fl_with_a_real_clip_needs_no_mllm(tiny_config, monkeypatch):
+    """CLIP2FL uses only the CLIP-role encoder: with open_clip nothing annotates the pool (no MLLM work)."""
+    from fl_core.data.federated import build_federated_data
+    from fl_core.teachers import OpenCLIPEncoder
+    from fl_core.teachers import server
+
+    def no_mllm(*args, **kwargs):
+        raise AssertionError("CLIP2FL built the MLLM context")
+
+    monkeypatch.setattr(server, "build_server_context", no_mllm)
+    cfg = tiny_config(method__name="clip2fl", teacher__clip="open_clip", teacher__clip_pretrained="")
+    encoder = server.build_clip_encoder(cfg, build_federated_data(cfg, torch.device("cpu")), "cpu", progress=False)
+    assert isinstance(encoder, OpenCLIPEncoder) and not encoder.needs_fit

@@ -41,7 +41,9 @@ def assert_same_run(flower_dir, reference_dir, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fedprox", "mllm_fl"])  # mllm_fl: stage 1 before start, alignment in aggregate_train
+# mllm_fl: stage 1 before start, alignment in aggregate_train; creff: the re-trained classifier goes
+# out with the model, per-class gradients come back with it
+@pytest.mark.parametrize("method", ["fedprox", "mllm_fl", "creff"])
 def test_flower_simulation_equals_in_process_engine(method, tiny_config, tmp_path):
     from flwr.simulation import run_simulation
 
@@ -58,13 +60,6 @@ def test_flower_simulation_equals_in_process_engine(method, tiny_config, tmp_pat
     finally:
         torch.set_num_threads(threads)
     assert_same_run(tmp_path / "flower", tmp_path / "in-process", reference)
-
-
-def test_methods_with_extra_uploads_are_refused_on_flower(tiny_config):
-    from fl_core.flower import run_federation
-
-    with pytest.raises(ValueError, match="does not run on Flower yet"):
-        run_federation(None, tiny_config(method__name="creff"))
 
 
 # -- a real deployment on loopback: one SuperLink and a SuperNode per partition, separate processes --

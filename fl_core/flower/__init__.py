@@ -5,6 +5,6 @@ Optional: needs the ``flower`` extra (``pip install -e ".[flower]"``). The app o
 """
 
 from fl_core.flower.client import make_client_app
-from fl_core.flower.server import FLOWER_METHODS, PartitionStrategy, make_server_app, run_federation
+from fl_core.flower.server import PartitionStrategy, make_server_app, run_federation
 
-__all__ = ["FLOWER_METHODS", "PartitionStrategy", "make_client_app", "make_server_app", "run_federation"]
+__all__ = ["PartitionStrategy", "make_client_app", "make_server_app", "run_federation"]

@@ -50,9 +50,20 @@ def make_client_app() -> ClientApp:
         engine = client_engine(cfg)
         k, round_idx = partition_id(context), int(config["server-round"])
         engine.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        if "broadcast" in msg.content:
+            engine.method.receive_broadcast(tensors_to(msg.content["broadcast"].to_torch_state_dict(), engine.device))
         result = engine.method.client_update(engine, k, client_generator(cfg.seed, round_idx, k))
         metrics = MetricRecord({"num-examples": result.num_samples, "partition-id": k, "train-loss": result.mean_loss,
                                 "upload-bytes": result.upload_bytes, "client-flops": result.flops})
-        return Message(RecordDict({"arrays": ArrayRecord(result.state), "metrics": metrics}), reply_to=msg)
+        reply = {"arrays": ArrayRecord(result.state), "metrics": metrics}
+        extras = engine.method.pack_extras(result.extras)
+        if extras:
+            reply["extras"] = ArrayRecord({key: t.detach().cpu() for key, t in extras.items()})
+        return Message(RecordDict(reply), reply_to=msg)
 
     return app
+
+
+def tensors_to(tensors: dict, device) -> dict:
+    """``{name: tensor}`` moved to ``device`` (records travel on the CPU)."""
+    return {key: t.to(device) for key, t in tensors.items()}

@@ -2,11 +2,13 @@
 
 Before ``strategy.start`` the server does the method's setup (MLLM-FL's stage 1, or loads its
 cached result) and asks every connected SuperNode which partition it holds. Each round
-``PartitionStrategy`` sends the global model to the nodes of the partitions the seeded schedule
-picks (the in-process engine's ``RandomState`` stream, not Flower's random node sampling); in
+``PartitionStrategy`` sends the global model (and what the method's ``client_broadcast`` names, e.g.
+CReFF's re-trained classifier) to the nodes of the partitions the seeded schedule picks (the
+in-process engine's ``RandomState`` stream, not Flower's random node sampling); in
 ``aggregate_train`` it averages the replies in schedule order through the method (so weights equal
-the in-process engine's), runs the method's server work (MLLM-FL's alignment), evaluates centrally
-and writes the same run record and checkpoint. A client that fails or times out is left out of
+the in-process engine's), with their extra uploads (CReFF's per-class gradients), runs the
+method's server work (MLLM-FL's alignment, CReFF's feature learning and re-training), evaluates
+centrally and writes the same run record and checkpoint. A client that fails or times out is left out of
 that round's average and recorded under ``failed_clients``; the run goes on.
 """
 
@@ -21,12 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fl_core.config import ExperimentConfig, make_config, parse_set_args
-from fl_core.flower.client import CONFIG_KEY
+from fl_core.flower.client import CONFIG_KEY, tensors_to
 from fl_core.methods.base import ClientResult
 from fl_core.results import RECORD_NAME
-
-FLOWER_METHODS = ("fedavg", "fedprox", "mllm_fl")  # clients upload their model only
-
 
 class PartitionStrategy(FedAvg):
     """FedAvg messages, our sampling, our aggregation (``engine.complete_round``)."""
@@ -41,7 +40,11 @@ class PartitionStrategy(FedAvg):
         r = server_round + self.offset
         self._tic = time.perf_counter()
         round_config = ConfigRecord({**dict(config), "server-round": r})
-        record = RecordDict({"arrays": arrays, "config": round_config})
+        record = {"arrays": arrays, "config": round_config}
+        broadcast = self.engine.method.client_broadcast()
+        if broadcast:  # e.g. CReFF's re-trained classifier, whose gradients the clients compute
+            record["broadcast"] = ArrayRecord({key: t.detach().cpu() for key, t in broadcast.items()})
+        record = RecordDict(record)
         return [Message(record, dst_node_id=self.nodes[k], message_type=MessageType.TRAIN)
                 for k in self.engine.clients_of_round(r)]
 
@@ -55,7 +58,7 @@ class PartitionStrategy(FedAvg):
             else:
                 by_partition[int(reply.content["metrics"]["partition-id"])] = reply.content
         failed.update({k: "no reply before the timeout" for k in sampled if k not in by_partition and k not in failed})
-        results = [_client_result(k, by_partition[k]) for k in sampled if k in by_partition]  # schedule order
+        results = [self._client_result(k, by_partition[k]) for k in sampled if k in by_partition]  # schedule order
         entry = self.engine.complete_round(r, results, self._tic, failed)
         metrics = MetricRecord({k: float(entry[k]) for k in ("train_loss", "top1") if k in entry})
         return ArrayRecord(self.engine.model.state_dict()), metrics
@@ -63,11 +66,13 @@ class PartitionStrategy(FedAvg):
     def configure_evaluate(self, server_round, arrays, config, grid):
         return []  # evaluation is central, inside aggregate_train
 
-
-def _client_result(k: int, content: RecordDict) -> ClientResult:
-    m = content["metrics"]
-    return ClientResult(k, int(m["num-examples"]), content["arrays"].to_torch_state_dict(), float(m["train-loss"]),
-                        int(m["upload-bytes"]), int(m["client-flops"]))
+    def _client_result(self, k: int, content: RecordDict) -> ClientResult:
+        m, device = content["metrics"], self.engine.device
+        extras = {}
+        if "extras" in content:
+            extras = self.engine.method.unpack_extras(tensors_to(content["extras"].to_torch_state_dict(), device))
+        return ClientResult(k, int(m["num-examples"]), content["arrays"].to_torch_state_dict(), float(m["train-loss"]),
+                            int(m["upload-bytes"]), int(m["client-flops"]), extras)
 
 
 def discover_partitions(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
@@ -101,8 +106,6 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path | str | None
     from fl_core.fl.engine import Engine, resolve_device
     from fl_core.methods import make_method
 
-    if cfg.method.name not in FLOWER_METHODS:
-        raise ValueError(f"method.name={cfg.method.name!r} does not run on Flower yet; choose one of {FLOWER_METHODS}")
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     engine = Engine(cfg, make_method(cfg), build_federated_data(cfg, device), run_dir, device, progress=False)

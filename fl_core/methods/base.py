@@ -102,6 +102,22 @@ class Method:
         """The model that is evaluated this round."""
         return engine.model
 
+    # -- what travels besides the model when clients run elsewhere (fl_core.flower) ---------------
+    def client_broadcast(self) -> dict[str, torch.Tensor]:
+        """Server state the clients need this round, besides the global model."""
+        return {}
+
+    def receive_broadcast(self, state: dict[str, torch.Tensor]) -> None:
+        """On a client: take what ``client_broadcast`` sent."""
+
+    def pack_extras(self, extras: dict) -> dict[str, torch.Tensor]:
+        """A client's method-specific uploads (``ClientResult.extras``) as named tensors."""
+        return {}
+
+    def unpack_extras(self, tensors: dict[str, torch.Tensor]) -> dict:
+        """On the server: ``ClientResult.extras`` from ``pack_extras``' tensors."""
+        return {}
+
     def state_dict(self) -> dict:
         """Method state to checkpoint between rounds."""
         return {}

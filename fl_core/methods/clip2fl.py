@@ -34,7 +34,7 @@ class CLIP2FL(CReFF):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._server = None
+        self._encoder = None
         self._teacher_logits: dict[int, torch.Tensor] = {}
         self._text: torch.Tensor | None = None
 
@@ -44,17 +44,18 @@ class CLIP2FL(CReFF):
 
         return text_embedding_dim(cfg.teacher)
 
-    def server(self, engine):
-        if self._server is None:
-            from fl_core.teachers.server import build_server_context
+    def encoder(self, engine):
+        """The CLIP-role encoder (no MLLM: the offline encoder's fit is the only use of the captions)."""
+        if self._encoder is None:
+            from fl_core.teachers.server import build_clip_encoder
 
-            self._server = build_server_context(self.cfg, engine.data, engine.device, engine.progress)
-        return self._server
+            self._encoder = build_clip_encoder(self.cfg, engine.data, engine.device, engine.progress)
+        return self._encoder
 
     def teacher_logits(self, engine, client_id: int) -> torch.Tensor:
         """CLIP zero-shot logits of the client's un-augmented images (cached per image on disk)."""
         if client_id not in self._teacher_logits:
-            encoder = self.server(engine).encoder
+            encoder = self.encoder(engine)
             images = engine.data.clients[client_id].images
             self._teacher_logits[client_id] = encoder.zero_shot_logits(images, engine.data.dataset.class_names,
                                                                        templates=("a photo of a {}.",)).to(engine.device)
@@ -62,7 +63,7 @@ class CLIP2FL(CReFF):
 
     def text_embeddings(self, engine) -> torch.Tensor:
         if self._text is None:
-            encoder = self.server(engine).encoder
+            encoder = self.encoder(engine)
             self._text = encoder.class_embeddings(engine.data.dataset.class_names, templates=("a photo of a {}",)).to(engine.device)
         return self._text
 
@@ -77,7 +78,7 @@ class CLIP2FL(CReFF):
         )
         result = self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
         # plus one teacher forward per image (the public code runs it on every batch of every epoch)
-        result.flops += self.server(engine).encoder.forward_flops_per_image() * stats.num_samples
+        result.flops += self.encoder(engine).forward_flops_per_image() * stats.num_samples
         return result
 
     def feature_loss_extra(self, engine, features: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,20 @@ class CReFF(Method):
             self._eval_model.classifier.bias.copy_(self.classifier[1])
         return self._eval_model
 
+    def client_broadcast(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.classifier[0], "bias": self.classifier[1]}  # clients take gradients of it
+
+    def receive_broadcast(self, state: dict[str, torch.Tensor]) -> None:
+        self.classifier = (state["weight"], state["bias"])
+
+    def pack_extras(self, extras: dict) -> dict[str, torch.Tensor]:
+        grads = extras["class_gradients"]
+        return {**{f"weight.{c}": w for c, (w, _) in grads.items()}, **{f"bias.{c}": b for c, (_, b) in grads.items()}}
+
+    def unpack_extras(self, tensors: dict[str, torch.Tensor]) -> dict:
+        classes = sorted(int(key.split(".")[1]) for key in tensors if key.startswith("weight."))
+        return {"class_gradients": {c: (tensors[f"weight.{c}"], tensors[f"bias.{c}"]) for c in classes}}
+
     def state_dict(self) -> dict:
         return {"features": self.features, "classifier": self.classifier}
 

@@ -31,6 +31,7 @@ class ImageTextEncoder:
 
     name = "encoder"
     logit_scale = 100.0
+    needs_fit = False  # True: zero-shot scores need ``fit`` on a captioned pool first
 
     def __init__(self, cache: TeacherCache, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True):
         self.cache, self.device, self.batch_size, self.progress = cache, torch.device(device), batch_size, progress
@@ -125,6 +126,8 @@ class OpenCLIPEncoder(ImageTextEncoder):
 
 class OfflineCLIP(ImageTextEncoder):
     """MiniLM text tower + EfficientNet-Lite0 image tower + fitted linear map (see module doc)."""
+
+    needs_fit = True
 
     def __init__(self, cache: TeacherCache, device="cpu", batch_size: int = 64, image_size: int = 64,
                  align_steps: int = 300, progress: bool = True):

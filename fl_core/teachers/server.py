@@ -37,3 +37,12 @@ def build_server_context(cfg: ExperimentConfig, fed: FederatedData, device: torc
     encoder = build_encoder(cfg, cache, device, progress)
     fit = encoder.fit(pool.images, annotation.captions, cfg.seed)
     return ServerContext(pool, annotation, encoder, fit, cache)
+
+
+def build_clip_encoder(cfg: ExperimentConfig, fed: FederatedData, device: torch.device | str, progress: bool = True):
+    """The CLIP-role encoder alone, for methods that need no MLLM (CLIP2FL). Only an encoder that
+    must first be fitted to a captioned pool (the offline one) costs the pool's annotation."""
+    from fl_core.teachers import build_encoder
+
+    encoder = build_encoder(cfg, TeacherCache(), device, progress)
+    return build_server_context(cfg, fed, device, progress).encoder if encoder.needs_fit else encoder
