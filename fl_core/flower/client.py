@@ -58,12 +58,12 @@ def make_client_app() -> ClientApp:
         reply = {"arrays": ArrayRecord(result.state), "metrics": metrics}
         extras = engine.method.pack_extras(result.extras)
         if extras:
-            reply["extras"] = ArrayRecord({key: t.detach().cpu() for key, t in extras.items()})
+            reply["extras"] = ArrayRecord(tensors_to(extras, "cpu"))
         return Message(RecordDict(reply), reply_to=msg)
 
     return app
 
 
 def tensors_to(tensors: dict, device) -> dict:
-    """``{name: tensor}`` moved to ``device`` (records travel on the CPU)."""
-    return {key: t.to(device) for key, t in tensors.items()}
+    """``{name: tensor}`` detached and moved to ``device`` (records travel on the CPU)."""
+    return {key: t.detach().to(device) for key, t in tensors.items()}

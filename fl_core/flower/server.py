@@ -27,6 +27,7 @@ from fl_core.flower.client import CONFIG_KEY, tensors_to
 from fl_core.methods.base import ClientResult
 from fl_core.results import RECORD_NAME
 
+
 class PartitionStrategy(FedAvg):
     """FedAvg messages, our sampling, our aggregation (``engine.complete_round``)."""
 
@@ -43,7 +44,7 @@ class PartitionStrategy(FedAvg):
         record = {"arrays": arrays, "config": round_config}
         broadcast = self.engine.method.client_broadcast()
         if broadcast:  # e.g. CReFF's re-trained classifier, whose gradients the clients compute
-            record["broadcast"] = ArrayRecord({key: t.detach().cpu() for key, t in broadcast.items()})
+            record["broadcast"] = ArrayRecord(tensors_to(broadcast, "cpu"))
         record = RecordDict(record)
         return [Message(record, dst_node_id=self.nodes[k], message_type=MessageType.TRAIN)
                 for k in self.engine.clients_of_round(r)]
