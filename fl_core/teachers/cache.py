@@ -74,19 +74,33 @@ class TeacherCache:
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
+        # No PRAGMA quick_check: it reads the whole file (seconds for a few hundred MB, on every
+        # run). A damaged header or a truncated file fails here already; damage deeper in the file
+        # fails the first read that touches it, and get_many recovers the same way.
         try:
             db = sqlite3.connect(self.path, timeout=60)
             db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB, checksum TEXT)")
-            db.execute("PRAGMA quick_check").fetchall()
             return db
         except sqlite3.DatabaseError as err:
-            aside = self.path.with_suffix(".corrupt")
-            warnings.warn(f"teacher cache {self.path} is corrupt ({err}); moved to {aside}, starting afresh")
-            os.replace(self.path, aside)
-            return self._open()
+            return self._start_afresh(err)
+
+    def _start_afresh(self, err: Exception) -> sqlite3.Connection:
+        aside = self.path.with_suffix(".corrupt")
+        warnings.warn(f"teacher cache {self.path} is corrupt ({err}); moved to {aside}, starting afresh")
+        os.replace(self.path, aside)
+        return self._open()
 
     def get_many(self, keys: Sequence[str]) -> dict:
-        """Verified values of the keys present; corrupt entries are deleted (and counted)."""
+        """Verified values of the keys present; corrupt entries are deleted (and counted), a corrupt
+        database file is set aside (and nothing found)."""
+        try:
+            return self._get_many(keys)
+        except sqlite3.DatabaseError as err:
+            self._db.close()
+            self._db = self._start_afresh(err)
+            return {}
+
+    def _get_many(self, keys: Sequence[str]) -> dict:
         found = {}
         for start in range(0, len(keys), 500):
             chunk = list(keys[start : start + 500])
