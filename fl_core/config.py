@@ -87,8 +87,9 @@ class FLConfig:
     weight_decay: float = 0.0
     eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
     eval_batch_size: int = 500
-    # how a round's clients are trained: one after another, all at once (vmap), or auto (at once on
-    # CUDA for plain-SGD methods); equal results within float tolerance, so not part of the fingerprint
+    # how a round's clients are trained: one after another, all at once (vmap; plain-SGD methods only,
+    # the others stay sequential), or auto (at once on CUDA); equal results within float tolerance,
+    # so not part of the fingerprint
     client_training: str = "auto"
 
 
@@ -223,7 +224,14 @@ PROFILES: dict[str, dict] = {
         "fl.local_epochs": 1,
         "fl.lr": 0.1,
         "fl.eval_batch_size": 128,  # small batches evaluate twice as fast on a 2-core CPU
-        "model.width": 0.25,
+        # ResNet-8 at 8/16/32 channels (20k parameters, plenty for MNIST): runs train ~1.6x faster
+        # than at width 0.25, which is what brings the whole book under 30 minutes on 2 cores.
+        "model.width": 0.125,
+        # At this width the student must learn fast enough to take over from the DWD teacher: with
+        # lr 0.05 it ends stage 1 at 50% zero-shot accuracy (seed 7), with 0.1 at 89%.
+        "method.stage1_lr": 0.1,
+        # Small models leave a CPU idle between ops; training the clients together pays (1.26x).
+        "fl.client_training": "vectorized",
     },
     "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS},
     "paper-cifar100": {**PAPER_PROTOCOL, "data.dataset": "cifar100", **PAPER_TEACHERS},

@@ -57,6 +57,7 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
         weights[mode] = torch.load(tmp_path / mode / CHECKPOINT_NAME, weights_only=False)["model"]
     seq, vec = records["sequential"], records["vectorized"]
     assert seq["fingerprint"] == vec["fingerprint"]  # an execution choice, not a different experiment
+    assert (seq["client_training"], vec["client_training"]) == ("sequential", "vectorized")
     for a, b in zip(seq["rounds"], vec["rounds"]):
         assert a["clients"] == b["clients"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
@@ -67,9 +68,11 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
         assert torch.allclose(weights["sequential"][key].float(), weights["vectorized"][key].float(), atol=0.05), key
 
 
-def test_vectorized_is_refused_for_methods_whose_clients_do_more(tiny_config, tmp_path):
-    with pytest.raises(ValueError, match="client_training='vectorized' is not available for method 'creff'"):
-        run_experiment(tiny_config(method__name="creff", fl__client_training="vectorized"), tmp_path / "c", progress=False)
+def test_methods_whose_clients_do_more_train_them_one_after_another(tiny_config, tmp_path):
+    vec = run_experiment(tiny_config(method__name="creff", fl__client_training="vectorized"), tmp_path / "v", progress=False)
+    seq = run_experiment(tiny_config(method__name="creff", fl__client_training="sequential"), tmp_path / "s", progress=False)
+    assert vec["client_training"] == seq["client_training"] == "sequential"
+    assert [r["train_loss"] for r in vec["rounds"]] == [r["train_loss"] for r in seq["rounds"]]
 
 
 def test_unknown_client_training_mode_is_rejected(tiny_config):
