@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.data.augment import dsa_augment
 from fl_core.experiment import run_experiment
-from fl_core.fl import local_sgd
+from fl_core.fl import SGDSettings, local_sgd
 from fl_core.methods.clip2fl import kd_loss
 from fl_core.methods.creff import classifier_gradients, match_distance, retrain_classifier, text_contrastive_loss
 
@@ -146,7 +146,8 @@ def test_teacher_logits_once_per_image_give_the_same_losses_as_per_batch():
             recorded.append(float(loss))
             return loss
 
-        local_sgd(model, data, pipe, torch.Generator().manual_seed(1), epochs=2, batch_size=16, lr=0.1, extra_loss=extra)
+        local_sgd(model, data, pipe, torch.Generator().manual_seed(1), SGDSettings(epochs=2, batch_size=16, lr=0.1),
+                  extra_loss=extra)
         losses[mode] = recorded
     assert losses["once"] == losses["per batch"]
 

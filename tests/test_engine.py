@@ -12,7 +12,7 @@ import torch
 from fl_core.config import make_config
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
-from fl_core.fl import RunDirectoryConflict, client_schedule, local_sgd, weighted_average
+from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local_sgd, weighted_average
 from fl_core.methods import FedAvg
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, load_record
@@ -60,7 +60,7 @@ def test_local_sgd_is_deterministic_and_counts_steps():
         torch.manual_seed(0)
         model = ResNet8(3, 1, 0.125)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        stats = local_sgd(model, data, pipe, torch.Generator().manual_seed(seed), epochs=2, batch_size=16, lr=0.1, prox_mu=mu)
+        stats = local_sgd(model, data, pipe, torch.Generator().manual_seed(seed), SGDSettings(2, 16, 0.1, prox_mu=mu))
         return model.state_dict(), start, stats
 
     a, start, stats = train(1)

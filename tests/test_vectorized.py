@@ -7,7 +7,7 @@ import torch
 
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import run_experiment
-from fl_core.fl import local_sgd, train_clients_vectorized
+from fl_core.fl import SGDSettings, local_sgd, train_clients_vectorized
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME
 
@@ -30,16 +30,16 @@ def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_m
     torch.manual_seed(0)
     model = ResNet8(3, 1, 0.125).double()
     global_state = copy.deepcopy(model.state_dict())
-    kwargs = dict(epochs=3, batch_size=16, lr=0.05, momentum=momentum, weight_decay=weight_decay, prox_mu=prox_mu)
+    sgd = SGDSettings(epochs=3, batch_size=16, lr=0.05, momentum=momentum, weight_decay=weight_decay, prox_mu=prox_mu)
 
     def generators():
         return [torch.Generator().manual_seed(100 + k) for k in range(len(clients))]
 
-    together = train_clients_vectorized(model, clients, pipe, generators(), **kwargs)
+    together = train_clients_vectorized(model, clients, pipe, generators(), sgd)
     assert all(torch.equal(model.state_dict()[k], global_state[k]) for k in global_state)  # global model untouched
     for data, gen, (state, stats) in zip(clients, generators(), together):
         alone = copy.deepcopy(model)
-        reference = local_sgd(alone, data, pipe, gen, **kwargs)
+        reference = local_sgd(alone, data, pipe, gen, sgd)
         assert (stats.steps, stats.num_samples) == (reference.steps, reference.num_samples)
         assert stats.mean_loss == pytest.approx(reference.mean_loss, rel=1e-12)
         expected = alone.state_dict()

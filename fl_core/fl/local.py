@@ -20,6 +20,24 @@ class LocalStats:
     mean_loss: float
 
 
+@dataclass(frozen=True)
+class SGDSettings:
+    """A client's local optimisation: ``epochs`` passes of minibatch SGD (``torch.optim.SGD``
+    semantics), plus FedProx's proximal term when ``prox_mu > 0``."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    prox_mu: float = 0.0
+
+    @classmethod
+    def from_config(cls, fl, prox_mu: float = 0.0) -> "SGDSettings":
+        """The settings of ``cfg.fl`` (an ``FLConfig``) with a method's ``prox_mu``."""
+        return cls(fl.local_epochs, fl.batch_size, fl.lr, fl.momentum, fl.weight_decay, prox_mu)
+
+
 def client_batches(data: ImageSplit, pipeline: ImagePipeline, generator: torch.Generator, *, epochs: int,
                    batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(augmented images, labels, indices)`` of every local step: reshuffled each epoch, last batch
@@ -38,27 +56,22 @@ def local_sgd(
     data: ImageSplit,
     pipeline: ImagePipeline,
     generator: torch.Generator,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    prox_mu: float = 0.0,
+    sgd: SGDSettings,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LocalStats:
-    """Train ``model`` in place for ``epochs`` passes over ``data`` (see ``client_batches``).
+    """Train ``model`` in place for ``sgd.epochs`` passes over ``data`` (see ``client_batches``).
 
-    ``prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming weights;
-    ``extra_loss(logits, batch_indices)`` adds a method's term (e.g. distillation) to the objective.
+    ``sgd.prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming
+    weights; ``extra_loss(logits, batch_indices)`` adds a method's term (e.g. distillation).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    prox_mu = sgd.prox_mu
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(params, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
     total_loss = torch.zeros((), device=data.images.device)
     steps = 0
-    for x, y, idx in client_batches(data, pipeline, generator, epochs=epochs, batch_size=batch_size):
+    for x, y, idx in client_batches(data, pipeline, generator, epochs=sgd.epochs, batch_size=sgd.batch_size):
         _, logits = model(x)
         loss = F.cross_entropy(logits, y)
         objective = loss

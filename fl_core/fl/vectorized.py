@@ -24,7 +24,7 @@ from torch.func import functional_call, vmap
 
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import ImageSplit
-from fl_core.fl.local import LocalStats, client_batches
+from fl_core.fl.local import LocalStats, SGDSettings, client_batches
 
 
 def train_clients_vectorized(
@@ -32,13 +32,7 @@ def train_clients_vectorized(
     clients: list[ImageSplit],
     pipeline: ImagePipeline,
     generators: list[torch.Generator],
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    prox_mu: float = 0.0,
+    sgd: SGDSettings,
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
@@ -51,15 +45,15 @@ def train_clients_vectorized(
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: stack[n] for n in param_names}
     buffers = {n: t for n, t in stack.items() if n not in params}
-    anchor = {n: t.clone() for n, t in params.items()} if prox_mu > 0 else None
-    velocity = {n: torch.zeros_like(t) for n, t in params.items()} if momentum else None
+    anchor = {n: t.clone() for n, t in params.items()} if sgd.prox_mu > 0 else None
+    velocity = {n: torch.zeros_like(t) for n, t in params.items()} if sgd.momentum else None
 
     def client_loss(p, b, x, y):
         _, logits = functional_call(skeleton, (p, b), (x,))
         return F.cross_entropy(logits, y)
 
     batched_loss = vmap(client_loss, randomness="error")
-    streams = [client_batches(data, pipeline, gen, epochs=epochs, batch_size=batch_size)
+    streams = [client_batches(data, pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size)
                for data, gen in zip(clients, generators)]
     pending = {k: next(stream, None) for k, stream in enumerate(streams)}
     loss_sum = [torch.zeros((), device=clients[0].images.device) for _ in range(num)]
@@ -70,7 +64,7 @@ def train_clients_vectorized(
             buckets[len(batch[1])].append(k)
         for members in buckets.values():
             losses = _step(members, num, [pending[k] for k in members], params, buffers, anchor, velocity,
-                           batched_loss, lr=lr, momentum=momentum, weight_decay=weight_decay, prox_mu=prox_mu)
+                           batched_loss, sgd)
             for k, loss in zip(members, losses):
                 loss_sum[k] += loss
                 steps[k] += 1
@@ -82,8 +76,7 @@ def train_clients_vectorized(
     ]
 
 
-def _step(members, num, batches, params, buffers, anchor, velocity, batched_loss, *, lr, momentum, weight_decay,
-          prox_mu) -> torch.Tensor:
+def _step(members, num, batches, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
     """One SGD step of the clients ``members`` (all of them, or a bucket gathered and scattered
     back); updates the stacked tensors in place and returns the members' losses."""
     everyone = len(members) == num
@@ -100,16 +93,16 @@ def _step(members, num, batches, params, buffers, anchor, velocity, batched_loss
     objective = losses.sum()
     if anchor is not None:
         a = pick(anchor)
-        objective = objective + prox_mu / 2 * sum((p[n] - a[n]).pow(2).sum() for n in p)
+        objective = objective + sgd.prox_mu / 2 * sum((p[n] - a[n]).pow(2).sum() for n in p)
     grads = torch.autograd.grad(objective, list(p.values()))
     with torch.no_grad():
         v = pick(velocity) if velocity is not None else None
         for (n, weight), grad in zip(p.items(), grads):
-            if weight_decay:
-                grad = grad.add(weight, alpha=weight_decay)
+            if sgd.weight_decay:
+                grad = grad.add(weight, alpha=sgd.weight_decay)
             if v is not None:  # torch.optim.SGD: buf = momentum * buf + grad (buf starts as grad)
-                grad = v[n].mul_(momentum).add_(grad)
-            weight = weight.detach().sub_(grad, alpha=lr)
+                grad = v[n].mul_(sgd.momentum).add_(grad)
+            weight = weight.detach().sub_(grad, alpha=sgd.lr)
             if not everyone:
                 params[n][rows] = weight
                 if v is not None:

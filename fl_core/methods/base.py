@@ -14,7 +14,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from fl_core.fl.aggregate import weighted_average
-from fl_core.fl.local import LocalStats, local_sgd
+from fl_core.fl.local import LocalStats, SGDSettings, local_sgd
 from fl_core.fl.vectorized import train_clients_vectorized
 from fl_core.metrics import tensor_bytes
 
@@ -47,6 +47,10 @@ class Method:
         """Width of a linear layer between features and classifier, if the method needs one."""
         return None
 
+    def sgd_settings(self, cfg) -> SGDSettings:
+        """The clients' local SGD: ``cfg.fl`` with this method's proximal weight."""
+        return SGDSettings.from_config(cfg.fl, self.prox_mu)
+
     def setup(self, engine: "Engine") -> None:
         """Before the first round of a fresh run (not on resume): e.g. server-side pretraining."""
 
@@ -56,30 +60,15 @@ class Method:
         if not engine.vectorized:
             return [self.client_update(engine, k, g) for k, g in
                     zip(tqdm(client_ids, desc="clients", leave=False, disable=not engine.progress), generators)]
-        f = engine.cfg.fl
-        outcomes = train_clients_vectorized(
-            engine.model, [engine.data.clients[k] for k in client_ids], engine.data.pipeline, generators,
-            epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum,
-            weight_decay=f.weight_decay, prox_mu=self.prox_mu,
-        )
+        outcomes = train_clients_vectorized(engine.model, [engine.data.clients[k] for k in client_ids],
+                                            engine.data.pipeline, generators, self.sgd_settings(engine.cfg))
         return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
 
     def client_update(self, engine: "Engine", client_id: int, generator: torch.Generator) -> ClientResult:
         """Local training of one sampled client, starting from the global model."""
         model = engine.worker_model()
-        f = engine.cfg.fl
-        stats = local_sgd(
-            model,
-            engine.data.clients[client_id],
-            engine.data.pipeline,
-            generator,
-            epochs=f.local_epochs,
-            batch_size=f.batch_size,
-            lr=f.lr,
-            momentum=f.momentum,
-            weight_decay=f.weight_decay,
-            prox_mu=self.prox_mu,
-        )
+        stats = local_sgd(model, engine.data.clients[client_id], engine.data.pipeline, generator,
+                          self.sgd_settings(engine.cfg))
         return self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
 
     @staticmethod

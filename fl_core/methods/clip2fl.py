@@ -68,12 +68,11 @@ class CLIP2FL(CReFF):
         return self._text
 
     def local_training(self, engine, client_id, generator) -> ClientResult:
-        m, f = self.cfg.method, self.cfg.fl
+        m = self.cfg.method
         teacher = self.teacher_logits(engine, client_id)
         model = engine.worker_model()
         stats = local_sgd(
-            model, engine.data.clients[client_id], engine.data.pipeline, generator,
-            epochs=f.local_epochs, batch_size=f.batch_size, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+            model, engine.data.clients[client_id], engine.data.pipeline, generator, self.sgd_settings(engine.cfg),
             extra_loss=lambda logits, idx: m.clip2fl_kd_weight * kd_loss(logits, teacher[idx], m.clip2fl_temperature),
         )
         result = self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
