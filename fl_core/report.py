@@ -121,8 +121,17 @@ def plot_per_class(record: dict, ax=None):
     return ax
 
 
+LAST_ROUNDS = 3  # the final round's accuracy moves by several points between rounds; also report a mean
+LAST_COLUMN = f"top1 last {LAST_ROUNDS}"
 GROUP_NOTE = ("many/medium/few: classes with >{many}, {few}-{many}, <{few} training images; head/middle/tail: "
-              "thirds of the classes ranked by training count. Accuracies in %, mean (and std over seeds).")
+              "thirds of the classes ranked by training count; " + LAST_COLUMN + ": top-1 averaged over the last "
+              f"{LAST_ROUNDS} rounds. Accuracies in %, mean (and std over seeds) of the final round unless said.")
+
+
+def last_rounds_top1(record: dict, k: int = LAST_ROUNDS) -> float:
+    """Mean top-1 (%) over the last ``k`` evaluated rounds of a run."""
+    values = [e["top1"] for e in record["rounds"] if e.get("top1") is not None][-k:]
+    return 100 * float(np.mean(values))
 
 
 def results_frame(records: list[dict]) -> pd.DataFrame:
@@ -133,6 +142,7 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
         rows.append({"variant": r.get("_variant", r["method"]["name"]), "method": r["method"]["name"],
                      "seed": r["config"]["seed"],
                      **{k: (None if final[k] is None else 100 * final[k]) for k in ("top1", *GROUP_NAMES)},
+                     LAST_COLUMN: last_rounds_top1(r),
                      "upload MB/client/round": r["cost"]["upload_bytes_per_client_per_round"] / 1e6,
                      "client GFLOPs/round": r["cost"]["client_flops_per_round"] / 1e9})
     return pd.DataFrame(rows)
@@ -146,7 +156,7 @@ def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
     for variant in order:
         runs = frame[frame["variant"] == variant]
         row = {"seeds": len(runs)}
-        for k in ("top1", *GROUP_NAMES):
+        for k in ("top1", LAST_COLUMN, *GROUP_NAMES):
             values = runs[k].dropna()
             if values.empty:
                 row[k] = "n/a"
