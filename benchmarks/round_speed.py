@@ -155,6 +155,7 @@ def main(argv=None) -> dict:
     images = sum(len(data.clients[k]) for k in clients) * f.local_epochs
     scratch = tempfile.mkdtemp()
     engine = Engine(cfg, make_method(cfg), data, scratch, device, progress=False)
+    profile_mode = "vectorized" if engine.vectorized else "sequential"  # what the profile's FedAvg runs use
     print(f"{args.profile}: {len(clients)} clients x {f.local_epochs} local epoch(s), {images} images, "
           f"batch {f.batch_size}, {engine.arch} at width {cfg.model.width}")
 
@@ -222,7 +223,7 @@ def main(argv=None) -> dict:
         "clip2fl_teacher_first_visit_seconds": first_visit,
         "fraction_of_matmul_peak": flops / seconds["sequential"] / peak,
         "fraction_of_matmul_peak_vectorized": flops / seconds["vectorized"] / peak,
-        "auto_client_training": "vectorized" if device.type == "cuda" else "sequential",
+        "profile_client_training": profile_mode,
     }
     print(f"\n{'loop':<34}{'seconds':>9}{'images/s':>10}{'vs (a)':>8}{'of peak':>9}")
     for label, key in (("(a) reference (peers' loop)", "reference"), ("(b) ours, sequential", "sequential"),
