@@ -14,16 +14,31 @@ from fl_core.data.datasets import ImageSplit
 GROUP_NAMES = ("many", "medium", "few", "head", "middle", "tail")
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, split: ImageSplit, pipeline: ImagePipeline, batch_size: int = 500) -> torch.Tensor:
-    """Predicted class of every image in ``split`` (model in eval mode, restored afterwards)."""
+    """Predicted class of every image in ``split`` (model in eval mode, restored afterwards).
+
+    On a CPU the model runs in channels-last layout for this (oneDNN evaluates our convnets about
+    2x faster so; training stays in the default layout, whose backward is the one tested here) and
+    is converted back afterwards: a change of layout, not of values."""
     was_training = model.training
+    channels_last = split.images.device.type == "cpu" and split.images.dim() == 4
     model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # outside inference mode: the weights stay trainable
+    try:
+        return _predict(model, split, pipeline, batch_size)
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, split: ImageSplit, pipeline: ImagePipeline, batch_size: int) -> torch.Tensor:
     preds = [
         model(pipeline.normalize(split.images[i : i + batch_size]))[1].argmax(1)
         for i in range(0, len(split), batch_size)
     ]
-    model.train(was_training)
     return torch.cat(preds)
 
 

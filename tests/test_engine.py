@@ -14,6 +14,7 @@ from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
 from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local_sgd, weighted_average
 from fl_core.methods import FedAvg
+from fl_core.metrics import predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, load_record
 
@@ -78,6 +79,21 @@ def test_local_sgd_is_deterministic_and_counts_steps():
 
 
 @pytest.mark.slow
+def test_predict_matches_a_plain_forward_and_leaves_the_model_trainable():
+    data, pipe = small_client()
+    torch.manual_seed(0)
+    model = ResNet8(3, 1, 0.125)
+    local_sgd(model, data, pipe, torch.Generator().manual_seed(0), SGDSettings(1, 16, 0.1))  # non-trivial BN stats
+    model.eval()
+    with torch.no_grad():
+        expected = model(pipe.normalize(data.images))[1].argmax(1)
+    model.train()
+    assert torch.equal(predict(model, data, pipe, batch_size=16), expected)  # evaluated channels-last on CPU
+    assert model.training
+    assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+    local_sgd(model, data, pipe, torch.Generator().manual_seed(1), SGDSettings(1, 16, 0.1))  # still trains
+
+
 def test_same_config_same_record(tiny_config, tmp_path):
     cfg = tiny_config()
     first = run_experiment(cfg, tmp_path / "a", progress=False)
