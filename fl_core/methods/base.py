@@ -33,6 +33,11 @@ class ClientResult:
     extras: dict = field(default_factory=dict)  # method-specific uploads
 
 
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers, detached copies (what a client uploads)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 class Method:
     """FedAvg; subclasses change single hooks."""
 
@@ -69,7 +74,7 @@ class Method:
         model = engine.worker_model()
         stats = local_sgd(model, engine.data.clients[client_id], engine.data.pipeline, generator,
                           self.sgd_settings(engine.cfg))
-        return self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
+        return self.client_result(engine, client_id, state_copy(model), stats)
 
     @staticmethod
     def client_result(engine: "Engine", client_id: int, state: dict[str, torch.Tensor], stats: LocalStats) -> ClientResult:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_core.fl.local import local_sgd
-from fl_core.methods.base import ClientResult
+from fl_core.methods.base import ClientResult, state_copy
 from fl_core.methods.creff import CReFF, text_contrastive_loss
 
 
@@ -75,7 +75,7 @@ class CLIP2FL(CReFF):
             model, engine.data.clients[client_id], engine.data.pipeline, generator, self.sgd_settings(engine.cfg),
             extra_loss=lambda logits, idx: m.clip2fl_kd_weight * kd_loss(logits, teacher[idx], m.clip2fl_temperature),
         )
-        result = self.client_result(engine, client_id, {k: v.detach().clone() for k, v in model.state_dict().items()}, stats)
+        result = self.client_result(engine, client_id, state_copy(model), stats)
         # plus one teacher forward per image (the public code runs it on every batch of every epoch)
         result.flops += self.encoder(engine).forward_flops_per_image() * stats.num_samples
         return result

@@ -26,17 +26,26 @@ class ServerContext:
 def build_server_context(cfg: ExperimentConfig, fed: FederatedData, device: torch.device | str,
                          progress: bool = True) -> ServerContext:
     """Load the pool, annotate it with the MLLM and fit the encoder (all teacher work cached)."""
-    from fl_core.teachers import build_encoder, build_mllm
+    from fl_core.teachers import build_encoder
 
-    ds = fed.dataset
-    pool = load_web_pool(cfg.data.web_pool, ds, np.concatenate(fed.client_indices), cfg.data.web_pool_limit)
     cache = TeacherCache()
-    mllm = build_mllm(cfg, pool, ds.class_names, device)
-    annotation = annotate_pool(pool, ds.class_names, mllm, cache, cfg.teacher.caption_prompt,
-                               cfg.teacher.batch_size, progress)
+    pool, annotation = annotated_pool(cfg, fed, cache, device, progress)
     encoder = build_encoder(cfg, cache, device, progress)
     fit = encoder.fit(pool.images, annotation.captions, cfg.seed)
     return ServerContext(pool, annotation, encoder, fit, cache)
+
+
+def annotated_pool(cfg: ExperimentConfig, fed: FederatedData, cache: TeacherCache, device: torch.device | str,
+                   progress: bool = True) -> tuple[WebPool, Annotation]:
+    """The server's web pool and its MLLM annotation (cached)."""
+    from fl_core.teachers import build_mllm
+
+    ds = fed.dataset
+    pool = load_web_pool(cfg.data.web_pool, ds, np.concatenate(fed.client_indices), cfg.data.web_pool_limit)
+    mllm = build_mllm(cfg, pool, ds.class_names, device)
+    annotation = annotate_pool(pool, ds.class_names, mllm, cache, cfg.teacher.caption_prompt,
+                               cfg.teacher.batch_size, progress)
+    return pool, annotation
 
 
 def build_clip_encoder(cfg: ExperimentConfig, fed: FederatedData, device: torch.device | str, progress: bool = True):
@@ -44,5 +53,9 @@ def build_clip_encoder(cfg: ExperimentConfig, fed: FederatedData, device: torch.
     must first be fitted to a captioned pool (the offline one) costs the pool's annotation."""
     from fl_core.teachers import build_encoder
 
-    encoder = build_encoder(cfg, TeacherCache(), device, progress)
-    return build_server_context(cfg, fed, device, progress).encoder if encoder.needs_fit else encoder
+    cache = TeacherCache()
+    encoder = build_encoder(cfg, cache, device, progress)
+    if encoder.needs_fit:
+        pool, annotation = annotated_pool(cfg, fed, cache, device, progress)
+        encoder.fit(pool.images, annotation.captions, cfg.seed)
+    return encoder
