@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fl_core.config import make_config
-from fl_core.data import DataNotFoundError, ImagePipeline, build_federated_data, load_dataset
-from fl_core.data.augment import random_crop, random_flip
+from fl_core.data import DataNotFoundError, ImagePipeline, ImageSplit, build_federated_data, load_dataset
+from fl_core.fl import plan_client_steps
 
 
 @pytest.fixture(scope="module")
@@ -93,22 +93,44 @@ def test_imagenet_lt_missing_images_are_named(tmp_path):
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    pipe = ImagePipeline(mean=(0.0,), std=(1.0,), crop_padding=2)
     x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
-    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    draws = pipe.draw(torch.Generator().manual_seed(0), 2)
+    out = pipe.augment(x, draws)
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for n in range(2):
-        windows = [padded[n, :, i : i + 5, j : j + 6] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out[n], w) for w in windows)
-    assert torch.equal(out, random_crop(x, 2, torch.Generator().manual_seed(0)))
+        i, j = int(draws[n, 0]), int(draws[n, 1])
+        assert torch.equal(out[n], padded[n, :, i : i + 5, j : j + 6])
+    assert torch.equal(draws, pipe.draw(torch.Generator().manual_seed(0), 2))
 
 
 def test_random_flip_flips_about_half():
+    pipe = ImagePipeline(mean=(0.0,), std=(1.0,), flip=True)
     x = torch.randn(400, 1, 4, 4)
-    out = random_flip(x, torch.Generator().manual_seed(0))
+    out = pipe.augment(x, pipe.draw(torch.Generator().manual_seed(0), 400))
     flipped = [torch.equal(o, i.flip(-1)) and not torch.equal(o, i) for o, i in zip(out, x)]
     kept = [torch.equal(o, i) for o, i in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept)) and 150 < sum(flipped) < 250
+
+
+def test_client_steps_drawn_ahead_are_the_steps_drawn_one_at_a_time():
+    """Drawing a client's whole local training up front (one copy to the device) keeps the random
+    stream of drawing each step when it comes: an epoch's permutation, then per batch its crop
+    offsets and flips. This order is what makes earlier runs reproduce."""
+    pipe = ImagePipeline(mean=(0.5,), std=(0.25,), crop_padding=2, flip=True)
+    data = ImageSplit(torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)),
+                      torch.arange(37) % 5)
+    plan = plan_client_steps(len(data), pipe, torch.Generator().manual_seed(9), epochs=2, batch_size=16, device="cpu")
+    gen = torch.Generator().manual_seed(9)
+    expected = []
+    for _ in range(2):
+        order = torch.randperm(37, generator=gen)
+        expected += [(pipe.train_batch(data.images[order[s:s + 16]], gen), order[s:s + 16]) for s in range(0, 37, 16)]
+    assert len(plan.bounds) == len(expected) == 6  # 16 + 16 + 5 per epoch: the short batch is kept
+    for step, (x, idx) in enumerate(expected):
+        got_x, got_y, got_idx = plan.batch(step, data, pipe)
+        assert torch.equal(got_idx, idx) and torch.equal(got_x, x) and torch.equal(got_y, data.labels[idx])
 
 
 def test_pipeline_normalizes_and_augments_only_with_a_generator():

@@ -2,11 +2,12 @@
 with zero padding and horizontal flip drawn for the whole batch at once (no per-image PIL work).
 
 Random numbers come from a CPU ``torch.Generator`` so that a run draws the same augmentations on
-CPU and GPU.
+CPU and GPU; they can be drawn ahead (``ImagePipeline.draw``) and applied on the device later.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,38 +26,60 @@ class ImagePipeline:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float, standardized per channel."""
         x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, x.device)
         return x.sub_(mean).div_(std)
+
+    def draw(self, generator: torch.Generator, n: int) -> torch.Tensor | None:
+        """The random choices of augmenting ``n`` images, drawn from ``generator`` (crop offsets,
+        then flips): an (n, 3) int64 CPU tensor of row offset, column offset and flip, or None when
+        this pipeline does not augment. Drawing ahead and applying later (``augment``) lets a
+        client's whole local training be drawn at once and moved to the device in one copy."""
+        if not (self.crop_padding or self.flip):
+            return None
+        draws = torch.zeros(n, 3, dtype=torch.long)
+        if self.crop_padding:
+            draws[:, :2] = torch.randint(0, 2 * self.crop_padding + 1, (2, n), generator=generator).T
+        if self.flip:
+            draws[:, 2] = torch.rand(n, generator=generator) < 0.5
+        return draws
+
+    def augment(self, x: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """Apply ``draws`` (from ``draw``, on ``x``'s device) to the normalized batch ``x``: a
+        random crop of the original size out of the zero-padded image, then a horizontal flip."""
+        if draws is None:
+            return x
+        if self.crop_padding:
+            x = _crop(x, self.crop_padding, draws[:, 0], draws[:, 1])
+        if self.flip:
+            x = torch.where(draws[:, 2].bool().view(-1, 1, 1, 1), x.flip(-1), x)
+        return x
 
     def train_batch(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Normalized and augmented training batch (augmentation off when ``generator`` is None)."""
         x = self.normalize(images)
         if generator is None:
             return x
-        if self.crop_padding:
-            x = random_crop(x, self.crop_padding, generator)
-        if self.flip:
-            x = random_flip(x, generator)
-        return x
+        draws = self.draw(generator, len(images))
+        return self.augment(x, None if draws is None else draws.to(x.device))
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-image random crop of the original size out of the zero-padded batch."""
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    # cached: building them per batch costs two host-to-device copies (each a sync on CUDA); made
+    # outside inference mode so that a first call from evaluation leaves usable tensors
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
+
+
+def _crop(x: torch.Tensor, padding: int, row_offsets: torch.Tensor, col_offsets: torch.Tensor) -> torch.Tensor:
+    """Per image, the window of the original size at the given offsets into the zero-padded image."""
     n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
     padded = F.pad(x, (padding, padding, padding, padding))
-    rows = (offsets[0, :, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-    cols = (offsets[1, :, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+    rows = (row_offsets[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+    cols = (col_offsets[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
     channels = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
     return padded[batch, channels, rows, cols]
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image horizontally with probability 1/2."""
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
 
 
 DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")

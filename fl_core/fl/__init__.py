@@ -2,7 +2,7 @@
 
 from fl_core.fl.aggregate import weighted_average
 from fl_core.fl.engine import Engine, RunDirectoryConflict, resolve_device
-from fl_core.fl.local import LocalStats, SGDSettings, client_batches, local_sgd
+from fl_core.fl.local import LocalStats, SGDSettings, local_sgd, plan_client_steps
 from fl_core.fl.sampling import client_generator, client_schedule
 from fl_core.fl.vectorized import train_clients_vectorized
 
@@ -11,10 +11,10 @@ __all__ = [
     "LocalStats",
     "RunDirectoryConflict",
     "SGDSettings",
-    "client_batches",
     "client_generator",
     "client_schedule",
     "local_sgd",
+    "plan_client_steps",
     "resolve_device",
     "train_clients_vectorized",
     "weighted_average",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,17 +38,39 @@ class SGDSettings:
         return cls(fl.local_epochs, fl.batch_size, fl.lr, fl.momentum, fl.weight_decay, prox_mu)
 
 
-def client_batches(data: ImageSplit, pipeline: ImagePipeline, generator: torch.Generator, *, epochs: int,
-                   batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(augmented images, labels, indices)`` of every local step: reshuffled each epoch, last batch
-    kept even when short, as a ``DataLoader(shuffle=True)`` does. All randomness comes from
-    ``generator``, drawn in step order, so clients trained together draw what they draw alone."""
-    n = len(data)
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(data.images.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield pipeline.train_batch(data.images[idx], generator), data.labels[idx], idx
+@dataclass(frozen=True)
+class ClientSteps:
+    """Every local step of one client, drawn up front and held on the client's device: the
+    concatenated per-epoch permutations, the augmentation draws in the same order, and each step's
+    ``(start, stop)`` slice of both."""
+
+    indices: torch.Tensor
+    draws: torch.Tensor | None
+    bounds: tuple[tuple[int, int], ...]
+
+    def batch(self, step: int, data: ImageSplit, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(augmented images, labels, indices)`` of local step ``step``."""
+        start, stop = self.bounds[step]
+        idx = self.indices[start:stop]
+        draws = None if self.draws is None else self.draws[start:stop]
+        return pipeline.augment(pipeline.normalize(data.images[idx]), draws), data.labels[idx], idx
+
+
+def plan_client_steps(num_samples: int, pipeline: ImagePipeline, generator: torch.Generator, *, epochs: int,
+                      batch_size: int, device: torch.device | str) -> ClientSteps:
+    """Draw a client's local training: reshuffled each epoch, last batch kept even when short, as a
+    ``DataLoader(shuffle=True)`` does. All randomness comes from ``generator``, drawn in step order
+    (an epoch's permutation, then each batch's augmentation), so clients trained together draw what
+    they draw alone. Drawn on the CPU and moved in one copy, not one per step (each a sync on CUDA)."""
+    orders, draws, bounds = [], [], []
+    for epoch in range(epochs):
+        orders.append(torch.randperm(num_samples, generator=generator))
+        for start in range(0, num_samples, batch_size):
+            stop = min(start + batch_size, num_samples)
+            if (drawn := pipeline.draw(generator, stop - start)) is not None:
+                draws.append(drawn)
+            bounds.append((epoch * num_samples + start, epoch * num_samples + stop))
+    return ClientSteps(torch.cat(orders).to(device), torch.cat(draws).to(device) if draws else None, tuple(bounds))
 
 
 def local_sgd(
@@ -59,7 +81,7 @@ def local_sgd(
     sgd: SGDSettings,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LocalStats:
-    """Train ``model`` in place for ``sgd.epochs`` passes over ``data`` (see ``client_batches``).
+    """Train ``model`` in place for ``sgd.epochs`` passes over ``data`` (see ``plan_client_steps``).
 
     ``sgd.prox_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` with ``w_start`` the incoming
     weights; ``extra_loss(logits, batch_indices)`` adds a method's term (e.g. distillation).
@@ -69,9 +91,12 @@ def local_sgd(
     prox_mu = sgd.prox_mu
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     optimizer = torch.optim.SGD(params, lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
-    total_loss = torch.zeros((), device=data.images.device)
+    total_loss = torch.zeros((), device=data.images.device, dtype=params[0].dtype)
     steps = 0
-    for x, y, idx in client_batches(data, pipeline, generator, epochs=sgd.epochs, batch_size=sgd.batch_size):
+    plan = plan_client_steps(len(data), pipeline, generator, epochs=sgd.epochs, batch_size=sgd.batch_size,
+                             device=data.images.device)
+    for step in range(len(plan.bounds)):
+        x, y, idx = plan.batch(step, data, pipeline)
         _, logits = model(x)
         loss = F.cross_entropy(logits, y)
         objective = loss

@@ -15,6 +15,7 @@ already compute-bound, grouped convolutions are slower than separate ones, so ``
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import defaultdict
 
 import torch
@@ -24,7 +25,7 @@ from torch.func import functional_call, vmap
 
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import ImageSplit
-from fl_core.fl.local import LocalStats, SGDSettings, client_batches
+from fl_core.fl.local import LocalStats, SGDSettings, plan_client_steps
 
 
 def train_clients_vectorized(
@@ -53,61 +54,75 @@ def train_clients_vectorized(
         return F.cross_entropy(logits, y)
 
     batched_loss = vmap(client_loss, randomness="error")
-    streams = [client_batches(data, pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size)
-               for data, gen in zip(clients, generators)]
-    pending = {k: next(stream, None) for k, stream in enumerate(streams)}
-    loss_sum = [torch.zeros((), device=clients[0].images.device) for _ in range(num)]
-    steps = [0] * num
-    while pending:
-        buckets: dict[int, list[int]] = defaultdict(list)
-        for k, batch in pending.items():
-            buckets[len(batch[1])].append(k)
-        for members in buckets.values():
-            losses = _step(members, num, [pending[k] for k in members], params, buffers, anchor, velocity,
-                           batched_loss, sgd)
-            for k, loss in zip(members, losses):
-                loss_sum[k] += loss
-                steps[k] += 1
-        pending = {k: batch for k in pending if (batch := next(streams[k], None)) is not None}
+    device = clients[0].images.device
+    plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
+             for data, gen in zip(clients, generators)]
+    # the round's clients as one dataset, so that a step gathers and augments every member's batch at once
+    images = torch.cat([data.images for data in clients])
+    labels = torch.cat([data.labels for data in clients])
+    first = [0, *itertools.accumulate(len(data) for data in clients)][:-1]
+    indices = [plan.indices + offset for plan, offset in zip(plans, first)]
+    rows_of: dict[tuple[int, ...], torch.Tensor] = {}  # member tuples recur: one host-to-device copy each
+    loss_sum = torch.zeros(num, device=device, dtype=next(iter(params.values())).dtype)
+    steps = [len(plan.bounds) for plan in plans]
+    for t in range(max(steps)):
+        buckets: dict[int, list[int]] = defaultdict(list)  # batch size -> the clients whose step t has it
+        for k, plan in enumerate(plans):
+            if t < steps[k]:
+                start, stop = plan.bounds[t]
+                buckets[stop - start].append(k)
+        for size, members in buckets.items():
+            idx = torch.cat([indices[k][slice(*plans[k].bounds[t])] for k in members])
+            draws = None if plans[0].draws is None else torch.cat([plans[k].draws[slice(*plans[k].bounds[t])] for k in members])
+            x = pipeline.augment(pipeline.normalize(images[idx]), draws)
+            rows = None if len(members) == num else rows_of.setdefault(tuple(members), torch.tensor(members, device=device))
+            losses = _step(rows, x.view(len(members), size, *x.shape[1:]), labels[idx].view(len(members), size),
+                           params, buffers, anchor, velocity, batched_loss, sgd)
+            if rows is None:
+                loss_sum += losses
+            else:
+                loss_sum.index_add_(0, rows, losses)
+    loss_sum = loss_sum.tolist()
     return [
         ({n: stack[n][k].clone() for n in stack},
-         LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=float(loss_sum[k]) / max(steps[k], 1)))
+         LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=loss_sum[k] / max(steps[k], 1)))
         for k in range(num)
     ]
 
 
-def _step(members, num, batches, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
-    """One SGD step of the clients ``members`` (all of them, or a bucket gathered and scattered
-    back); updates the stacked tensors in place and returns the members' losses."""
-    everyone = len(members) == num
-    rows = None if everyone else torch.tensor(members, device=next(iter(params.values())).device)
+def _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
+    """One SGD step of the clients ``rows`` (None: all of them; else a bucket gathered and scattered
+    back) on their stacked batches ``x``, ``y``; updates the stacked tensors in place and returns
+    the members' losses."""
+    everyone = rows is None
 
     def pick(tensors):
         return tensors if everyone else {n: t[rows] for n, t in tensors.items()}
 
     p = {n: t.detach().requires_grad_(True) for n, t in pick(params).items()}
     b = pick(buffers)
-    x = torch.stack([batch[0] for batch in batches])
-    y = torch.stack([batch[1] for batch in batches])
     losses = batched_loss(p, b, x, y)
     objective = losses.sum()
     if anchor is not None:
         a = pick(anchor)
         objective = objective + sgd.prox_mu / 2 * sum((p[n] - a[n]).pow(2).sum() for n in p)
-    grads = torch.autograd.grad(objective, list(p.values()))
-    with torch.no_grad():
-        v = pick(velocity) if velocity is not None else None
-        for (n, weight), grad in zip(p.items(), grads):
-            if sgd.weight_decay:
-                grad = grad.add(weight, alpha=sgd.weight_decay)
-            if v is not None:  # torch.optim.SGD: buf = momentum * buf + grad (buf starts as grad)
-                grad = v[n].mul_(sgd.momentum).add_(grad)
-            weight = weight.detach().sub_(grad, alpha=sgd.lr)
-            if not everyone:
+    weights = list(p.values())
+    grads = torch.autograd.grad(objective, weights)
+    with torch.no_grad():  # torch.optim.SGD's update, one multi-tensor op per line (few kernels on CUDA)
+        weights = [w.detach() for w in weights]
+        if sgd.weight_decay:
+            grads = torch._foreach_add(grads, weights, alpha=sgd.weight_decay)
+        if velocity is not None:  # buf = momentum * buf + grad (buf starts as grad)
+            v = pick(velocity)
+            torch._foreach_mul_(list(v.values()), sgd.momentum)
+            torch._foreach_add_(list(v.values()), grads)
+            grads = list(v.values())
+        torch._foreach_sub_(weights, grads, alpha=sgd.lr)
+        if not everyone:  # scatter the bucket's rows back
+            for n, weight in zip(p, weights):
                 params[n][rows] = weight
-                if v is not None:
+                if velocity is not None:
                     velocity[n][rows] = v[n]
-        if not everyone:
             for n, t in b.items():
                 buffers[n][rows] = t
     return losses.detach()
