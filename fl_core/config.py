@@ -87,9 +87,9 @@ class FLConfig:
     weight_decay: float = 0.0
     eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
     eval_batch_size: int = 500
-    # how a round's clients are trained: one after another, all at once (vmap; plain-SGD methods only,
-    # the others stay sequential), or auto (at once on CUDA); equal results within float tolerance,
-    # so not part of the fingerprint
+    # how a round's clients are trained: one after another, all at once (one stacked model; plain-SGD
+    # methods only, the others stay sequential), or auto (at once on CUDA); equal results within
+    # float tolerance, so not part of the fingerprint
     client_training: str = "auto"
 
 
@@ -230,7 +230,7 @@ PROFILES: dict[str, dict] = {
         # At this width the student must learn fast enough to take over from the DWD teacher: with
         # lr 0.05 it ends stage 1 at 50% zero-shot accuracy (seed 7), with 0.1 at 89%.
         "method.stage1_lr": 0.1,
-        # Small models leave a CPU idle between ops; training the clients together pays (1.1-1.3x).
+        # Small models leave a CPU idle between ops; training the clients together pays (1.6-1.9x).
         "fl.client_training": "vectorized",
     },
     "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS},

@@ -1,4 +1,4 @@
-"""Clients trained together (vmap) equal clients trained one after another."""
+"""Clients trained together (one stacked model) equal clients trained one after another."""
 
 import copy
 
@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from fl_core.data import ImagePipeline, ImageSplit
+from torch.func import functional_call
+
+from fl_core.config import make_config
 from fl_core.experiment import run_experiment
 from fl_core.fl import SGDSettings, local_sgd, train_clients_vectorized
-from fl_core.models import ResNet8
+from fl_core.fl.stacked import per_client, stacked_skeleton
+from fl_core.models import ResNet8, build_model
 from fl_core.results import CHECKPOINT_NAME
 
 
@@ -78,3 +82,30 @@ def test_methods_whose_clients_do_more_train_them_one_after_another(tiny_config,
 def test_unknown_client_training_mode_is_rejected(tiny_config):
     with pytest.raises(ValueError, match="fl.client_training"):
         tiny_config(fl__client_training="parallel")
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet8_clip2fl", "resnet50"])
+def test_stacked_model_computes_every_client_as_its_own_model(arch):
+    """Clients with different weights, run as one stacked model, give each client's own outputs and
+    update each client's own BatchNorm running statistics. In float64: ResNet-50's late layers see
+    1x1 maps here, whose batch statistics over 4 images amplify float32 rounding."""
+    clients, batch, channels, side = 3, 4, 2, 16
+    cfg = make_config("smoke", {"model.arch": arch, "model.width": 0.125})
+    models = [build_model(cfg.model, "mnist", 5, channels, seed=k, projection_dim=6).double() for k in range(clients)]
+    stack = {n: torch.stack([m.state_dict()[n] for m in models]) for n in models[0].state_dict()}
+    x = torch.randn(clients, batch, channels, side, side, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    features, logits = functional_call(stacked_skeleton(models[0]), stack,
+                                       (x.transpose(0, 1).reshape(batch, clients * channels, side, side),))
+    for k, model in enumerate(models):
+        own_features, own_logits = model.train()(x[k])
+        assert torch.allclose(per_client(logits, clients)[k], own_logits, atol=1e-10)
+        assert torch.allclose(per_client(features, clients)[k], own_features, atol=1e-10)
+        for name, value in model.state_dict().items():  # running statistics moved as the client's own
+            assert torch.equal(stack[name][k], value) if name.endswith("num_batches_tracked") else \
+                torch.allclose(stack[name][k], value, atol=1e-12), name
+
+
+def test_stacking_a_model_with_an_unknown_layer_says_which():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4))
+    with pytest.raises(TypeError, match=r"layer '1' \(GroupNorm\)"):
+        stacked_skeleton(model)

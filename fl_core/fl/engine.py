@@ -48,7 +48,7 @@ def resolve_client_training(mode: str, device: torch.device, method: "Method") -
     """Whether the round's clients are trained together (``fl.client_training``). Only methods whose
     clients run plain local SGD can be; the others (CReFF, CLIP2FL) always train one after another.
     ``vectorized`` asks for it on any device, ``auto`` on CUDA only: on a CPU it pays only for small
-    models (ResNet-8 width 0.125: 1.1-1.3x; width 0.25: 0.7-0.95x on 2 cores, see ``make bench``)."""
+    models (ResNet-8 width 0.125: 1.6-1.9x; 0.25: 1.2x; 1: 0.9x on 2 cores, see ``make bench``)."""
     if not method.vectorizable:
         return False
     return mode == "vectorized" or (mode == "auto" and device.type == "cuda")

@@ -1,31 +1,30 @@
 """Train all sampled clients of a round at once: their models are stacked along a leading client
-dimension and one ``torch.func.vmap``-ed step updates every client (convolutions become grouped
-convolutions, BatchNorm keeps its statistics per client).
+dimension and run as one model (``fl_core.fl.stacked``: grouped convolutions, BatchNorm statistics
+kept per client, batched matrix products), so one step updates every client.
 
 Equal to training the clients one after another with ``local_sgd`` (same generators: same batches
 and augmentations, losses and weights within float tolerance; tested). Clients whose datasets
 differ in size are handled exactly by bucketing: each step trains, per batch size present, the
 clients whose next batch has that size; a client that has finished its epochs sits out.
 
-This pays where a step is bound by kernel launches (small models on a GPU). On a CPU that is
-already compute-bound, grouped convolutions are slower than separate ones, so ``fl.client_training
-= auto`` uses it only on CUDA (see ``benchmarks/round_speed.py``).
+This pays where a step is bound by kernel launches (small models on a GPU) and, on a CPU, for small
+models (see ``benchmarks/round_speed.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import ImageSplit
 from fl_core.fl.local import LocalStats, SGDSettings, plan_client_steps
+from fl_core.fl.stacked import per_client, stacked_skeleton
 
 
 def train_clients_vectorized(
@@ -41,7 +40,7 @@ def train_clients_vectorized(
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
     num = len(clients)
-    skeleton = copy.deepcopy(model).to("meta").train()
+    skeleton = stacked_skeleton(model)
     stack = {name: t.detach().unsqueeze(0).repeat(num, *[1] * t.dim()) for name, t in model.state_dict().items()}
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: stack[n] for n in param_names}
@@ -49,11 +48,12 @@ def train_clients_vectorized(
     anchor = {n: t.clone() for n, t in params.items()} if sgd.prox_mu > 0 else None
     velocity = {n: torch.zeros_like(t) for n, t in params.items()} if sgd.momentum else None
 
-    def client_loss(p, b, x, y):
+    def batched_loss(p, b, x, y):
+        """Each member's mean cross-entropy; ``x`` in the stacked layout, ``y`` (members, batch)."""
         _, logits = functional_call(skeleton, (p, b), (x,))
-        return F.cross_entropy(logits, y)
+        logits = per_client(logits, len(y))
+        return F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
 
-    batched_loss = vmap(client_loss, randomness="error")
     device = clients[0].images.device
     plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
              for data, gen in zip(clients, generators)]
@@ -72,11 +72,17 @@ def train_clients_vectorized(
                 start, stop = plan.bounds[t]
                 buckets[stop - start].append(k)
         for size, members in buckets.items():
-            idx = torch.cat([indices[k][slice(*plans[k].bounds[t])] for k in members])
-            draws = None if plans[0].draws is None else torch.cat([plans[k].draws[slice(*plans[k].bounds[t])] for k in members])
+            # batch-major (image b of every member side by side): the stacked model's input layout
+            idx = torch.stack([indices[k][slice(*plans[k].bounds[t])] for k in members], dim=1).flatten()
+            draws = None if plans[0].draws is None else torch.stack(
+                [plans[k].draws[slice(*plans[k].bounds[t])] for k in members], dim=1).flatten(0, 1)
             x = pipeline.augment(pipeline.normalize(images[idx]), draws)
+            x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
+            if x.device.type == "cpu":  # oneDNN runs these grouped convolutions ~1.3x faster on channels-last input
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels[idx].view(size, len(members)).T
             rows = None if len(members) == num else rows_of.setdefault(tuple(members), torch.tensor(members, device=device))
-            losses = _step(rows, x.view(len(members), size, *x.shape[1:]), labels[idx].view(len(members), size),
+            losses = _step(rows, x, y,
                            params, buffers, anchor, velocity, batched_loss, sgd)
             if rows is None:
                 loss_sum += losses
