@@ -140,12 +140,52 @@ def timed(device, fn, repeats: int = 1) -> float:
     return best
 
 
+def time_clip2fl_round(profile, overrides, data, clients, generators, scratch, device, repeats):
+    """(d): one CLIP2FL round (client training with the teacher, then the server's classifier
+    re-training) the peers' way and ours; returns both timings and that of the teacher logits' first
+    visit (once per run)."""
+    cfg_c = make_config(profile, {**overrides, "method.name": "clip2fl"})
+    clip2fl = make_method(cfg_c)
+    engine_c = Engine(cfg_c, clip2fl, data, scratch, device, progress=False)
+    clip2fl.setup(engine_c)
+    encoder = clip2fl.encoder(engine_c)
+    text = encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
+    text = text.to(device)
+    m, f = cfg_c.method, cfg_c.fl
+    first_visit = timed(device, lambda: [clip2fl.teacher_logits(engine_c, k) for k in clients])
+
+    def teacher(raw):
+        return encoder.logit_scale * F.normalize(encoder.project_image(encoder._image_features(raw)), dim=-1).to(device) @ text.T
+
+    def kd(logits, teacher_logits):
+        return m.clip2fl_kd_weight * kd_loss(logits, teacher_logits, m.clip2fl_temperature)
+
+    features = clip2fl.features.detach()
+    labels = clip2fl.feature_labels(engine_c)
+    fresh = nn.Linear(features.shape[1], data.num_classes).to(device)
+
+    def peers_round():
+        for k in clients:
+            peer_client_training(engine_c.model, data.clients[k], data.pipeline, device, f, teacher, kd)
+        peer_retrain_classifier(features, labels, data.num_classes, m)
+
+    def our_round():
+        for k, gen in zip(clients, generators()):
+            clip2fl.local_training(engine_c, k, gen)
+        retrain_classifier(features, labels, fresh.weight.detach(), fresh.bias.detach(), torch.Generator().manual_seed(0),
+                           epochs=m.creff_retrain_epochs, lr=m.creff_retrain_lr, batch_size=m.creff_retrain_batch)
+
+    return timed(device, peers_round, repeats), timed(device, our_round, repeats), first_visit
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="offline")
     parser.add_argument("--local-epochs", type=int, default=None, help="default: the profile's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="time each loop this often, keep the best")
+    parser.add_argument("--no-clip2fl", dest="clip2fl", action="store_false",
+                        help="skip (d), which needs the CLIP-role encoder's weights")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
     args = parser.parse_args(argv)
     overrides = {"device": args.device, **parse_set_args(args.set)}
@@ -180,40 +220,10 @@ def main(argv=None) -> dict:
         engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up (allocator, oneDNN kernels)
         seconds[mode] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
 
-    # (d) CLIP2FL: client training with the teacher + the server's classifier re-training
-    cfg_c = make_config(args.profile, {**overrides, "method.name": "clip2fl"})
-    clip2fl = make_method(cfg_c)
-    engine_c = Engine(cfg_c, clip2fl, data, scratch, device, progress=False)
-    clip2fl.setup(engine_c)
-    encoder = clip2fl.encoder(engine_c)
-    text = encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
-    text = text.to(device)
-    m = cfg_c.method
-    first_visit = timed(device, lambda: [clip2fl.teacher_logits(engine_c, k) for k in clients])
-
-    def teacher(raw):
-        return encoder.logit_scale * F.normalize(encoder.project_image(encoder._image_features(raw)), dim=-1).to(device) @ text.T
-
-    def kd(logits, teacher_logits):
-        return m.clip2fl_kd_weight * kd_loss(logits, teacher_logits, m.clip2fl_temperature)
-
-    features = clip2fl.features.detach()
-    labels = clip2fl.feature_labels(engine_c)
-    fresh = nn.Linear(features.shape[1], data.num_classes).to(device)
-
-    def peers_round():
-        for k in clients:
-            peer_client_training(engine_c.model, data.clients[k], data.pipeline, device, f, teacher, kd)
-        peer_retrain_classifier(features, labels, data.num_classes, m)
-
-    def our_round():
-        for k, gen in zip(clients, generators()):
-            clip2fl.local_training(engine_c, k, gen)
-        retrain_classifier(features, labels, fresh.weight.detach(), fresh.bias.detach(), torch.Generator().manual_seed(0),
-                           epochs=m.creff_retrain_epochs, lr=m.creff_retrain_lr, batch_size=m.creff_retrain_batch)
-
-    seconds["clip2fl_reference"] = timed(device, peers_round, n)
-    seconds["clip2fl_ours"] = timed(device, our_round, n)
+    first_visit = None
+    if args.clip2fl:
+        seconds["clip2fl_reference"], seconds["clip2fl_ours"], first_visit = time_clip2fl_round(
+            args.profile, overrides, data, clients, generators, scratch, device, n)
 
     flops = engine.train_flops_per_image * images
     rate = {k: images / seconds[k] for k in ("reference", "sequential", "vectorized")}
@@ -232,7 +242,7 @@ def main(argv=None) -> dict:
         "ratio_sequential_vs_reference": seconds["reference"] / seconds["sequential"],
         "ratio_vectorized_vs_reference": seconds["reference"] / seconds["vectorized"],
         "ratio_vectorized_vs_sequential": seconds["sequential"] / seconds["vectorized"],
-        "ratio_clip2fl_vs_reference": seconds["clip2fl_reference"] / seconds["clip2fl_ours"],
+        "ratio_clip2fl_vs_reference": seconds["clip2fl_reference"] / seconds["clip2fl_ours"] if args.clip2fl else None,
         "clip2fl_teacher_first_visit_seconds": first_visit,
         "fraction_of_matmul_peak": flops / seconds[profile_mode] / peak,  # as the profile trains its clients
         "fraction_of_matmul_peak_sequential": flops / seconds["sequential"] / peak,
@@ -244,10 +254,11 @@ def main(argv=None) -> dict:
                        ("(c) ours, vectorized", "vectorized")):
         print(f"{label:<34}{seconds[key]:>9.2f}{rate[key]:>10.0f}{seconds['reference'] / seconds[key]:>7.2f}x"
               f"{flops / seconds[key] / peak:>9.1%}")
-    print(f"{'(d) CLIP2FL round, peers way':<34}{seconds['clip2fl_reference']:>9.2f}")
-    print(f"{'(d) CLIP2FL round, ours':<34}{seconds['clip2fl_ours']:>9.2f}{'':>10}"
-          f"{result['ratio_clip2fl_vs_reference']:>7.2f}x")
-    print(f"(teacher logits of these clients' images, first visit: {first_visit:.2f} s, once per run)")
+    if args.clip2fl:
+        print(f"{'(d) CLIP2FL round, peers way':<34}{seconds['clip2fl_reference']:>9.2f}")
+        print(f"{'(d) CLIP2FL round, ours':<34}{seconds['clip2fl_ours']:>9.2f}{'':>10}"
+              f"{result['ratio_clip2fl_vs_reference']:>7.2f}x")
+        print(f"(teacher logits of these clients' images, first visit: {first_visit:.2f} s, once per run)")
     print(json.dumps(result))
     return result
 

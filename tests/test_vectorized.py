@@ -1,6 +1,7 @@
 """Clients trained together (one stacked model) equal clients trained one after another."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -26,13 +27,15 @@ def clients_of_sizes(sizes):
 def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, monkeypatch):
     # In float64, so that equality is tight: in float32 the two summation orders (grouped vs separate
     # convolutions) differ by ~1e-7, which many SGD steps on noise can amplify chaotically.
+    # FL_CORE_TEST_DEVICE=cuda runs it on a GPU (benchmarks/device_check.sh).
+    device = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")
     normalize = ImagePipeline.normalize
     monkeypatch.setattr(ImagePipeline, "normalize", lambda self, images: normalize(self, images).double())
     # sizes give different step counts and short last batches (37 = 16+16+5, 16, 50 = 3*16+2, 5)
-    clients = clients_of_sizes([37, 16, 50, 5])
+    clients = [data.to(device) for data in clients_of_sizes([37, 16, 50, 5])]
     pipe = ImagePipeline((0.5,), (0.5,), crop_padding=1)
     torch.manual_seed(0)
-    model = ResNet8(3, 1, 0.125).double()
+    model = ResNet8(3, 1, 0.125).double().to(device)
     global_state = copy.deepcopy(model.state_dict())
     sgd = SGDSettings(epochs=3, batch_size=16, lr=0.05, momentum=momentum, weight_decay=weight_decay, prox_mu=prox_mu)
 

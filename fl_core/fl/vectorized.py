@@ -71,19 +71,15 @@ def train_clients_vectorized(
             if t < steps[k]:
                 start, stop = plan.bounds[t]
                 buckets[stop - start].append(k)
-        for size, members in buckets.items():
-            # batch-major (image b of every member side by side): the stacked model's input layout
-            idx = torch.stack([indices[k][slice(*plans[k].bounds[t])] for k in members], dim=1).flatten()
-            draws = None if plans[0].draws is None else torch.stack(
-                [plans[k].draws[slice(*plans[k].bounds[t])] for k in members], dim=1).flatten(0, 1)
-            x = pipeline.augment(pipeline.normalize(images[idx]), draws)
-            x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
-            if x.device.type == "cpu":  # oneDNN runs these grouped convolutions ~1.3x faster on channels-last input
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx].view(size, len(members)).T
-            rows = None if len(members) == num else rows_of.setdefault(tuple(members), torch.tensor(members, device=device))
-            losses = _step(rows, x, y,
-                           params, buffers, anchor, velocity, batched_loss, sgd)
+        for members in buckets.values():
+            x, y = _stacked_batch([(indices[k], plans[k], slice(*plans[k].bounds[t])) for k in members],
+                                  images, labels, pipeline)
+            rows = None
+            if len(members) < num:
+                if tuple(members) not in rows_of:
+                    rows_of[tuple(members)] = torch.tensor(members, device=device)
+                rows = rows_of[tuple(members)]
+            losses = _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd)
             if rows is None:
                 loss_sum += losses
             else:
@@ -94,6 +90,21 @@ def train_clients_vectorized(
          LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=loss_sum[k] / max(steps[k], 1)))
         for k in range(num)
     ]
+
+
+def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' step batches, gathered and augmented in one go: images in the stacked model's
+    layout (image ``b`` of every member side by side), labels ``(members, batch)``. ``members``
+    holds each member's ``(indices into images, ClientSteps, slice of this step)``."""
+    idx = torch.stack([indices[step] for indices, _, step in members], dim=1).flatten()
+    draws = None if members[0][1].draws is None else torch.stack(
+        [plan.draws[step] for _, plan, step in members], dim=1).flatten(0, 1)
+    x = pipeline.augment(pipeline.normalize(images[idx]), draws)
+    size = len(idx) // len(members)
+    x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
+    if x.device.type == "cpu":  # oneDNN runs these grouped convolutions ~1.3x faster on channels-last input
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels[idx].view(size, len(members)).T
 
 
 def _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
