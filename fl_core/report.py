@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from fl_core.config import config_from_dict
 from fl_core.data.federated import FederatedData
 from fl_core.metrics import GROUP_NAMES
 
@@ -278,17 +279,18 @@ def plot_per_class_compare(records: list[dict], ax=None):
     return ax
 
 
-def plot_against(records: list[dict], values: list[float], xlabel: str, reference: dict | None = None,
+def plot_against(records: list[dict], key: str, xlabel: str, reference: list[dict] | None = None,
                  metrics=("top1", "head", "tail"), ax=None):
-    """Final accuracies of runs that differ in one setting (``values``), with an optional
-    reference run (e.g. FedAvg) as a dashed line."""
-    frame = results_frame(records).assign(setting=values).melt(
+    """Final accuracies of runs that differ in the config key ``key`` (mean and std over seeds),
+    with the mean top-1 of ``reference`` runs (e.g. FedAvg) as a dashed line."""
+    setting = [config_from_dict(r["config"]).flat()[key] for r in records]
+    frame = results_frame(records).assign(setting=setting).melt(
         id_vars="setting", value_vars=list(metrics), var_name="metric", value_name="test accuracy %")
     ax = ax or plt.subplots(figsize=(7, 3.8))[1]
-    sns.lineplot(data=frame, x="setting", y="test accuracy %", hue="metric", marker="o", ax=ax)
-    if reference is not None:
-        ax.axhline(100 * reference["final"]["top1"], color="gray", ls="--",
-                   label=f"{reference.get('_variant', reference['method']['name'])} top1")
+    sns.lineplot(data=frame, x="setting", y="test accuracy %", hue="metric", marker="o", errorbar="sd", ax=ax)
+    if reference:
+        name = reference[0].get("_variant", reference[0]["method"]["name"])
+        ax.axhline(100 * np.mean([r["final"]["top1"] for r in reference]), color="gray", ls="--", label=f"{name} top1")
     ax.set(xlabel=xlabel, ylim=(-2, 102))
     ax.legend()
     return ax
