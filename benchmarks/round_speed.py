@@ -49,7 +49,8 @@ def matmul_flops_per_second(device: torch.device, n: int = 2048, repeats: int = 
     """Best-of-``repeats`` fp32 ``n x n`` matmul throughput, two ways: ``torch.matmul`` (BLAS: MKL on
     CPU) and the same product as a 1x1 convolution (oneDNN on CPU, cuDNN on CUDA). The larger is
     the machine's practical peak: on AMD CPUs MKL runs its AVX2 code, about half of what oneDNN
-    gets out of AVX-512, so a BLAS-only peak would flatter every fraction measured against it."""
+    gets out of AVX-512, so a BLAS-only peak would flatter every fraction measured against it.
+    On CUDA the convolution uses cuDNN's default TF32, as training's convolutions do."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     image, kernel = a.view(1, n, 1, n), b.view(n, n, 1, 1)
     if device.type == "cpu":

@@ -54,7 +54,7 @@ class _StackedBatchNorm2d(nn.Module):
 class _StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, clients = x.shape[0], self.weight.shape[0]
-        per_client = x.view(batch, clients, -1).transpose(0, 1)  # (K, B, in)
+        per_client = x.reshape(batch, clients, -1).transpose(0, 1)  # (K, B, in)
         weight = self.weight.transpose(1, 2)
         out = torch.bmm(per_client, weight) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), per_client, weight)
         return out.transpose(0, 1).reshape(batch, -1)
