@@ -112,3 +112,28 @@ def test_stacking_a_model_with_an_unknown_layer_says_which():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4))
     with pytest.raises(TypeError, match=r"layer '1' \(GroupNorm\)"):
         stacked_skeleton(model)
+
+
+def test_host_to_device_copies_do_not_grow_with_the_steps(monkeypatch):
+    """On CUDA every host-to-device copy is a synchronization: the training loops move each client's
+    drawn steps once, not per step. Counted here as ``Tensor.to`` calls for 1 and 4 local epochs."""
+    calls = []
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append(1) or to(self, *a, **k))
+    clients = clients_of_sizes([37, 16, 50, 5])
+    pipe = ImagePipeline((0.5,), (0.5,), crop_padding=1, flip=True)
+    model = ResNet8(3, 1, 0.125)
+
+    def copies(train, epochs):
+        calls.clear()
+        train(SGDSettings(epochs=epochs, batch_size=16, lr=0.05))
+        return len(calls)
+
+    def together(sgd):
+        train_clients_vectorized(model, clients, pipe, [torch.Generator().manual_seed(k) for k in range(4)], sgd)
+
+    def alone(sgd):
+        local_sgd(copy.deepcopy(model), clients[0], pipe, torch.Generator().manual_seed(0), sgd)
+
+    for train in (together, alone):
+        assert copies(train, 1) == copies(train, 4)
