@@ -48,11 +48,14 @@ class ClientSteps:
     draws: torch.Tensor | None
     bounds: tuple[tuple[int, int], ...]
 
+    def take(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image indices and augmentation draws of local step ``step``."""
+        start, stop = self.bounds[step]
+        return self.indices[start:stop], None if self.draws is None else self.draws[start:stop]
+
     def batch(self, step: int, data: ImageSplit, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(augmented images, labels, indices)`` of local step ``step``."""
-        start, stop = self.bounds[step]
-        idx = self.indices[start:stop]
-        draws = None if self.draws is None else self.draws[start:stop]
+        idx, draws = self.take(step)
         return pipeline.augment(pipeline.normalize(data.images[idx]), draws), data.labels[idx], idx
 
 

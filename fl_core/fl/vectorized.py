@@ -13,6 +13,7 @@ models (see ``benchmarks/round_speed.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import defaultdict
 
@@ -57,11 +58,12 @@ def train_clients_vectorized(
     device = clients[0].images.device
     plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
              for data, gen in zip(clients, generators)]
-    # the round's clients as one dataset, so that a step gathers and augments every member's batch at once
+    # the round's clients as one dataset (each plan's indices shifted to its client's block), so that
+    # a step gathers and augments every member's batch at once
     images = torch.cat([data.images for data in clients])
     labels = torch.cat([data.labels for data in clients])
     first = [0, *itertools.accumulate(len(data) for data in clients)][:-1]
-    indices = [plan.indices + offset for plan, offset in zip(plans, first)]
+    plans = [dataclasses.replace(plan, indices=plan.indices + offset) for plan, offset in zip(plans, first)]
     rows_of: dict[tuple[int, ...], torch.Tensor] = {}  # member tuples recur: one host-to-device copy each
     loss_sum = torch.zeros(num, device=device, dtype=next(iter(params.values())).dtype)
     steps = [len(plan.bounds) for plan in plans]
@@ -72,8 +74,7 @@ def train_clients_vectorized(
                 start, stop = plan.bounds[t]
                 buckets[stop - start].append(k)
         for members in buckets.values():
-            x, y = _stacked_batch([(indices[k], plans[k], slice(*plans[k].bounds[t])) for k in members],
-                                  images, labels, pipeline)
+            x, y = _stacked_batch([plans[k].take(t) for k in members], images, labels, pipeline)
             rows = None
             if len(members) < num:
                 if tuple(members) not in rows_of:
@@ -84,10 +85,10 @@ def train_clients_vectorized(
                 loss_sum += losses
             else:
                 loss_sum.index_add_(0, rows, losses)
-    loss_sum = loss_sum.tolist()
+    loss_totals = loss_sum.tolist()
     return [
         ({n: stack[n][k].clone() for n in stack},
-         LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=loss_sum[k] / max(steps[k], 1)))
+         LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=loss_totals[k] / max(steps[k], 1)))
         for k in range(num)
     ]
 
@@ -95,10 +96,9 @@ def train_clients_vectorized(
 def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor]:
     """The members' step batches, gathered and augmented in one go: images in the stacked model's
     layout (image ``b`` of every member side by side), labels ``(members, batch)``. ``members``
-    holds each member's ``(indices into images, ClientSteps, slice of this step)``."""
-    idx = torch.stack([indices[step] for indices, _, step in members], dim=1).flatten()
-    draws = None if members[0][1].draws is None else torch.stack(
-        [plan.draws[step] for _, plan, step in members], dim=1).flatten(0, 1)
+    holds each member's ``(indices into images, augmentation draws)`` of this step."""
+    idx = torch.stack([indices for indices, _ in members], dim=1).flatten()
+    draws = None if members[0][1] is None else torch.stack([d for _, d in members], dim=1).flatten(0, 1)
     x = pipeline.augment(pipeline.normalize(images[idx]), draws)
     size = len(idx) // len(members)
     x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
