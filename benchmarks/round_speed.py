@@ -10,7 +10,8 @@ the clients sampled in round 1 train from the same global model, timed as
 (c) our vectorized engine (``fl.client_training=vectorized``): all clients as one stacked model;
 (d) one CLIP2FL round's client training and server classifier re-training, the peers' way (teacher
     forward on every batch, ``nn.Linear`` + autograd + ``DataLoader`` for the 300 re-training epochs)
-    against ours (teacher logits computed once per image and reused, the re-training written out).
+    against ours (teacher logits computed once per image and reused, the clients trained as the
+    profile trains them, the re-training written out).
     Ours is timed in steady state: the teacher logits of a client exist after its first round.
 
 It prints images/s, the speed-ups against (a) and (d), and the FLOP/s of local training as a
@@ -40,6 +41,7 @@ from fl_core.config import make_config, parse_set_args
 from fl_core.data.federated import build_federated_data
 from fl_core.fl import Engine, client_generator, client_schedule, resolve_device
 from fl_core.methods import make_method
+from fl_core.methods.base import Method
 from fl_core.methods.clip2fl import kd_loss
 from fl_core.methods.creff import retrain_classifier
 from fl_core.results import device_description
@@ -170,9 +172,12 @@ def time_clip2fl_round(profile, overrides, data, clients, generators, scratch, d
             peer_client_training(engine_c.model, data.clients[k], data.pipeline, device, f, teacher, kd)
         peer_retrain_classifier(features, labels, data.num_classes, m)
 
-    def our_round():
-        for k, gen in zip(clients, generators()):
-            clip2fl.local_training(engine_c, k, gen)
+    def our_round():  # the clients' training without CReFF's class gradients (the peers' round has none either)
+        if engine_c.vectorized:
+            Method.train_together(clip2fl, engine_c, clients, generators())
+        else:
+            for k, gen in zip(clients, generators()):
+                Method.client_update(clip2fl, engine_c, k, gen)
         retrain_classifier(features, labels, fresh.weight.detach(), fresh.bias.detach(), torch.Generator().manual_seed(0),
                            epochs=m.creff_retrain_epochs, lr=m.creff_retrain_lr, batch_size=m.creff_retrain_batch)
 

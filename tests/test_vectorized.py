@@ -13,6 +13,7 @@ from fl_core.config import make_config
 from fl_core.experiment import run_experiment
 from fl_core.fl import SGDSettings, local_sgd, train_clients_vectorized
 from fl_core.fl.stacked import per_client, stacked_skeleton
+from fl_core.methods.clip2fl import kd_loss
 from fl_core.models import ResNet8, build_model
 from fl_core.results import CHECKPOINT_NAME
 
@@ -23,8 +24,9 @@ def clients_of_sizes(sizes):
             for n in sizes]
 
 
-@pytest.mark.parametrize("momentum, weight_decay, prox_mu", [(0.0, 0.0, 0.0), (0.9, 5e-4, 0.1)])
-def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, monkeypatch):
+@pytest.mark.parametrize("momentum, weight_decay, prox_mu, distill", [(0.0, 0.0, 0.0, False), (0.9, 5e-4, 0.1, False),
+                                                                      (0.0, 0.0, 0.0, True)])
+def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, distill, monkeypatch):
     # In float64, so that equality is tight: in float32 the two summation orders (grouped vs separate
     # convolutions) differ by ~1e-7, which many SGD steps on noise can amplify chaotically.
     # FL_CORE_TEST_DEVICE=cuda runs it on a GPU (benchmarks/device_check.sh).
@@ -42,11 +44,18 @@ def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_m
     def generators():
         return [torch.Generator().manual_seed(100 + k) for k in range(len(clients))]
 
-    together = train_clients_vectorized(model, clients, pipe, generators(), sgd)
+    # distill: CLIP2FL's term against fixed per-image teacher logits, which clients trained together
+    # read through indices into their datasets concatenated
+    teachers = [torch.randn(len(data), 3, generator=torch.Generator().manual_seed(k), dtype=torch.float64).to(device)
+                for k, data in enumerate(clients)]
+    every = torch.cat(teachers)
+    together = train_clients_vectorized(model, clients, pipe, generators(), sgd,
+                                        (lambda logits, idx: kd_loss(logits, every[idx], 3.0)) if distill else None)
     assert all(torch.equal(model.state_dict()[k], global_state[k]) for k in global_state)  # global model untouched
-    for data, gen, (state, stats) in zip(clients, generators(), together):
+    for data, gen, teacher, (state, stats) in zip(clients, generators(), teachers, together):
         alone = copy.deepcopy(model)
-        reference = local_sgd(alone, data, pipe, gen, sgd)
+        reference = local_sgd(alone, data, pipe, gen, sgd,
+                              (lambda logits, idx: kd_loss(logits, teacher[idx], 3.0)) if distill else None)
         assert (stats.steps, stats.num_samples) == (reference.steps, reference.num_samples)
         assert stats.mean_loss == pytest.approx(reference.mean_loss, rel=1e-12)
         expected = alone.state_dict()
@@ -75,11 +84,22 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
         assert torch.allclose(weights["sequential"][key].float(), weights["vectorized"][key].float(), atol=0.05), key
 
 
-def test_methods_whose_clients_do_more_train_them_one_after_another(tiny_config, tmp_path):
-    vec = run_experiment(tiny_config(method__name="creff", fl__client_training="vectorized"), tmp_path / "v", progress=False)
-    seq = run_experiment(tiny_config(method__name="creff", fl__client_training="sequential"), tmp_path / "s", progress=False)
-    assert vec["client_training"] == seq["client_training"] == "sequential"
-    assert [r["train_loss"] for r in vec["rounds"]] == [r["train_loss"] for r in seq["rounds"]]
+def test_creff_clients_trained_together_equal_one_after_another(tiny_config, tmp_path):
+    """CReFF's clients also upload per-class gradients of the re-trained classifier, drawn from their
+    generators before their local training: the same draws, so the same gradients, either way."""
+    records, rounds = {}, {}
+    for mode in ("sequential", "vectorized"):
+        cfg = tiny_config(method__name="creff", fl__client_training=mode, method__creff_num_features=10,
+                          method__creff_match_steps=5, method__creff_retrain_epochs=3, method__creff_grad_reps=2)
+        records[mode] = run_experiment(cfg, tmp_path / mode, progress=False)
+    seq, vec = records["sequential"], records["vectorized"]
+    assert (seq["client_training"], vec["client_training"]) == ("sequential", "vectorized")
+    for a, b in zip(seq["rounds"], vec["rounds"]):
+        assert a["clients"] == b["clients"] and a["upload_bytes"] == b["upload_bytes"]
+        assert a["client_flops"] == b["client_flops"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["feature_match_loss"] == pytest.approx(b["feature_match_loss"], rel=1e-3)
+    assert vec["final"]["top1"] == pytest.approx(seq["final"]["top1"], abs=0.02)
 
 
 def test_unknown_client_training_mode_is_rejected(tiny_config):

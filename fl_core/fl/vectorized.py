@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import defaultdict
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,9 +35,14 @@ def train_clients_vectorized(
     pipeline: ImagePipeline,
     generators: list[torch.Generator],
     sgd: SGDSettings,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
+
+    ``extra_loss(logits, indices)`` adds a method's term, as in ``local_sgd`` but for a bucket of
+    members at once: logits ``(members, batch, classes)``, indices ``(members, batch)`` into the
+    clients' datasets concatenated in the order given; it returns each member's term ``(members,)``.
 
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
@@ -49,11 +55,13 @@ def train_clients_vectorized(
     anchor = {n: t.clone() for n, t in params.items()} if sgd.prox_mu > 0 else None
     velocity = {n: torch.zeros_like(t) for n, t in params.items()} if sgd.momentum else None
 
-    def batched_loss(p, b, x, y):
-        """Each member's mean cross-entropy; ``x`` in the stacked layout, ``y`` (members, batch)."""
+    def batched_loss(p, b, x, y, idx):
+        """Each member's mean cross-entropy (what is reported) and its training objective (plus the
+        extra term); ``x`` in the stacked layout, ``y`` and ``idx`` (members, batch)."""
         _, logits = functional_call(skeleton, (p, b), (x,))
         logits = per_client(logits, len(y))
-        return F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
+        losses = F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
+        return losses, losses if extra_loss is None else losses + extra_loss(logits, idx)
 
     device = clients[0].images.device
     plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
@@ -74,13 +82,13 @@ def train_clients_vectorized(
                 start, stop = plan.bounds[t]
                 buckets[stop - start].append(k)
         for members in buckets.values():
-            x, y = _stacked_batch([plans[k].take(t) for k in members], images, labels, pipeline)
+            x, y, idx = _stacked_batch([plans[k].take(t) for k in members], images, labels, pipeline)
             rows = None
             if len(members) < num:
                 if tuple(members) not in rows_of:
                     rows_of[tuple(members)] = torch.tensor(members, device=device)
                 rows = rows_of[tuple(members)]
-            losses = _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd)
+            losses = _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd)
             if rows is None:
                 loss_sum += losses
             else:
@@ -93,9 +101,9 @@ def train_clients_vectorized(
     ]
 
 
-def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The members' step batches, gathered and augmented in one go: images in the stacked model's
-    layout (image ``b`` of every member side by side), labels ``(members, batch)``. ``members``
+    layout (image ``b`` of every member side by side), labels and indices ``(members, batch)``. ``members``
     holds each member's ``(indices into images, augmentation draws)`` of this step."""
     idx = torch.stack([indices for indices, _ in members], dim=1).flatten()
     draws = None if members[0][1] is None else torch.stack([d for _, d in members], dim=1).flatten(0, 1)
@@ -104,12 +112,13 @@ def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[to
     x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
     if x.device.type == "cpu":  # oneDNN runs these grouped convolutions ~1.3x faster on channels-last input
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, labels[idx].view(size, len(members)).T
+    idx = idx.view(size, len(members)).T
+    return x, labels[idx], idx
 
 
-def _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
+def _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:
     """One SGD step of the clients ``rows`` (None: all of them; else a bucket gathered and scattered
-    back) on their stacked batches ``x``, ``y``; updates the stacked tensors in place and returns
+    back) on their stacked batches ``x``, ``y`` (images ``idx``); updates the stacked tensors in place and returns
     the members' losses."""
     everyone = rows is None
 
@@ -118,8 +127,8 @@ def _step(rows, x, y, params, buffers, anchor, velocity, batched_loss, sgd: SGDS
 
     p = {n: t.detach().requires_grad_(True) for n, t in pick(params).items()}
     b = pick(buffers)
-    losses = batched_loss(p, b, x, y)
-    objective = losses.sum()
+    losses, objectives = batched_loss(p, b, x, y, idx)
+    objective = objectives.sum()
     if anchor is not None:
         a = pick(anchor)
         objective = objective + sgd.prox_mu / 2 * sum((p[n] - a[n]).pow(2).sum() for n in p)

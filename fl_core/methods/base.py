@@ -44,8 +44,6 @@ class Method:
     name = "fedavg"
     prox_mu = 0.0
     default_arch: str | None = None  # the student this method needs when model.arch is 'auto'
-    vectorizable = True  # clients do plain local SGD, so they can be trained together
-
 
     @staticmethod
     def projection_dim(cfg) -> int | None:
@@ -62,22 +60,42 @@ class Method:
     def train_clients(self, engine: "Engine", client_ids: list[int], generators: list[torch.Generator]) -> list[ClientResult]:
         """Local training of the round's sampled clients: one after another, or all at once when
         the engine trains clients vectorized (same results within float tolerance)."""
-        if not engine.vectorized:
-            return [self.client_update(engine, k, g) for k, g in
-                    zip(tqdm(client_ids, desc="clients", leave=False, disable=not engine.progress), generators)]
-        outcomes = train_clients_vectorized(engine.model, [engine.data.clients[k] for k in client_ids],
-                                            engine.data.pipeline, generators, self.sgd_settings(engine.cfg))
-        return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
+        if engine.vectorized:
+            return self.train_together(engine, client_ids, generators)
+        return [self.client_update(engine, k, g) for k, g in
+                zip(tqdm(client_ids, desc="clients", leave=False, disable=not engine.progress), generators)]
 
     def client_update(self, engine: "Engine", client_id: int, generator: torch.Generator) -> ClientResult:
         """Local training of one sampled client, starting from the global model."""
         model = engine.worker_model()
+        targets = self.client_targets(engine, client_id)
+        extra = None if targets is None else (lambda logits, idx: self.client_extra_loss(logits, targets[idx]))
         stats = local_sgd(model, engine.data.clients[client_id], engine.data.pipeline, generator,
-                          self.sgd_settings(engine.cfg))
+                          self.sgd_settings(engine.cfg), extra_loss=extra)
         return self.client_result(engine, client_id, state_copy(model), stats)
 
-    @staticmethod
-    def client_result(engine: "Engine", client_id: int, state: dict[str, torch.Tensor], stats: LocalStats) -> ClientResult:
+    def train_together(self, engine: "Engine", client_ids: list[int], generators: list[torch.Generator]) -> list[ClientResult]:
+        """``client_update`` of every client in ``client_ids`` at once (``train_clients_vectorized``)."""
+        targets = [self.client_targets(engine, k) for k in client_ids]
+        extra = None
+        if targets[0] is not None:  # indexed like the clients' images, concatenated in this order
+            every = torch.cat(targets)
+            extra = lambda logits, idx: self.client_extra_loss(logits, every[idx])  # noqa: E731
+        outcomes = train_clients_vectorized(engine.model, [engine.data.clients[k] for k in client_ids],
+                                            engine.data.pipeline, generators, self.sgd_settings(engine.cfg), extra)
+        return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
+
+    def client_targets(self, engine: "Engine", client_id: int) -> torch.Tensor | None:
+        """Per-image targets of the client's extra training term (e.g. a teacher's logits of each of
+        its images), or None when it trains on cross-entropy alone."""
+        return None
+
+    def client_extra_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The client's extra training term on a batch's logits ``(..., batch, classes)`` and the
+        batch's ``client_targets``; one value per leading index (a scalar for one client)."""
+        raise NotImplementedError(f"{type(self).__name__} has client_targets but no client_extra_loss")
+
+    def client_result(self, engine: "Engine", client_id: int, state: dict[str, torch.Tensor], stats: LocalStats) -> ClientResult:
         """What a plain local-SGD client uploads (its model) and computes (its training steps)."""
         flops = engine.train_flops_per_image * stats.num_samples * engine.cfg.fl.local_epochs
         return ClientResult(client_id, stats.num_samples, state, stats.mean_loss, tensor_bytes(state), flops)

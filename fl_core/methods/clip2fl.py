@@ -17,15 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fl_core.fl.local import local_sgd
-from fl_core.methods.base import ClientResult, state_copy
+from fl_core.methods.base import ClientResult
 from fl_core.methods.creff import CReFF, text_contrastive_loss
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's distillation loss as CLIP2FL computes it: batchmean KL times T^2."""
-    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
-                    reduction="batchmean") * temperature**2
+    """Hinton's distillation loss as CLIP2FL computes it: batchmean KL times T^2. Logits
+    ``(..., batch, classes)``; one value per leading index (a scalar for one batch)."""
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1), F.softmax(teacher_logits / temperature, dim=-1),
+                  reduction="none")
+    return kl.sum(-1).mean(-1) * temperature**2
 
 
 class CLIP2FL(CReFF):
@@ -67,15 +68,15 @@ class CLIP2FL(CReFF):
             self._text = encoder.class_embeddings(engine.data.dataset.class_names, templates=("a photo of a {}",)).to(engine.device)
         return self._text
 
-    def local_training(self, engine, client_id, generator) -> ClientResult:
+    def client_targets(self, engine, client_id: int) -> torch.Tensor:
+        return self.teacher_logits(engine, client_id)
+
+    def client_extra_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         m = self.cfg.method
-        teacher = self.teacher_logits(engine, client_id)
-        model = engine.worker_model()
-        stats = local_sgd(
-            model, engine.data.clients[client_id], engine.data.pipeline, generator, self.sgd_settings(engine.cfg),
-            extra_loss=lambda logits, idx: m.clip2fl_kd_weight * kd_loss(logits, teacher[idx], m.clip2fl_temperature),
-        )
-        result = self.client_result(engine, client_id, state_copy(model), stats)
+        return m.clip2fl_kd_weight * kd_loss(logits, targets, m.clip2fl_temperature)
+
+    def client_result(self, engine, client_id, state, stats) -> ClientResult:
+        result = super().client_result(engine, client_id, state, stats)
         # plus one teacher forward per image (the public code runs it on every batch of every epoch)
         result.flops += self.encoder(engine).forward_flops_per_image() * stats.num_samples
         return result
