@@ -230,7 +230,7 @@ PROFILES: dict[str, dict] = {
         # At this width the student must learn fast enough to take over from the DWD teacher: with
         # lr 0.05 it ends stage 1 at 50% zero-shot accuracy (seed 7), with 0.1 at 89%.
         "method.stage1_lr": 0.1,
-        # Small models leave a CPU idle between ops; training the clients together pays (1.6-1.9x).
+        # Small models leave a CPU idle between ops; training the clients together pays (about 2x, see `make bench`).
         "fl.client_training": "vectorized",
     },
     "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS},
