@@ -233,6 +233,20 @@ def test_missing_open_clip_weights_fail_fast(cache):
     assert time.monotonic() - start < 10
 
 
+def test_image_features_do_not_depend_on_what_the_cache_held(mnist, tmp_path, monkeypatch):
+    """Images missing from the cache are computed in batches whose sizes depend on what was cached
+    before (here a batch of 1, which rounds differently on CPU); features must not."""
+    images = mnist.test.images[:9]
+    features = {}
+    for history in ("cold", "one image cached first"):
+        monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / history))
+        clip = OfflineCLIP(TeacherCache(), batch_size=8, progress=False)
+        if history != "cold":
+            clip.image_features(images[3:4])
+        features[history] = clip.image_features(images)  # cold: batches of 8 and 1; else 8 (no 1)
+    assert torch.equal(features["cold"], features["one image cached first"])
+
+
 def test_offline_encoder_learns_zero_shot_from_the_captioned_pool(pool, mnist, cache):
     small = pool.head(1000)
     mllm = SimulatedMLLM(small, mnist.class_names, 0.9, seed=0)

@@ -46,9 +46,21 @@ class ImageTextEncoder:
         return features
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw (un-projected) image features, cached per image."""
-        rows = self.cache.map({"kind": "image_features", "encoder": self.name}, [image_digest(im) for im in images],
-                              lambda pos: list(self._image_features(images[pos]).float().cpu()), self.batch_size,
+        """Raw (un-projected) image features, cached per image.
+
+        Always computed in batches of exactly ``batch_size`` (a short one padded with copies of its
+        first image): kernels may round differently at other batch sizes (on CPU a batch of 1 does),
+        and which images miss the cache, hence the size of the batches they would get, depends on
+        what ran before. A feature is then the same whatever the cache held."""
+        def compute(positions: list[int]) -> list[torch.Tensor]:
+            batch = images[positions]
+            padding = self.batch_size - len(batch)
+            if padding > 0:
+                batch = torch.cat([batch, batch[:1].expand(padding, *batch.shape[1:])])
+            return list(self._image_features(batch)[: len(positions)].float().cpu())
+
+        rows = self.cache.map({"kind": "image_features", "encoder": self.name, "batch": self.batch_size},
+                              [image_digest(im) for im in images], compute, self.batch_size,
                               desc=f"{self.name} images", progress=self.progress)
         return torch.stack(rows)
 
