@@ -87,9 +87,8 @@ class FLConfig:
     weight_decay: float = 0.0
     eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
     eval_batch_size: int = 500
-    # how a round's clients are trained: one after another, all at once (one stacked model; plain-SGD
-    # methods only, the others stay sequential), or auto (at once on CUDA); equal results within
-    # float tolerance, so not part of the fingerprint
+    # how a round's clients are trained: one after another, all at once (one stacked model), or auto
+    # (at once on CUDA); equal results within float tolerance, so not part of the fingerprint
     client_training: str = "auto"
 
 
