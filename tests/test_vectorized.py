@@ -87,7 +87,7 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
 def test_creff_clients_trained_together_equal_one_after_another(tiny_config, tmp_path):
     """CReFF's clients also upload per-class gradients of the re-trained classifier, drawn from their
     generators before their local training: the same draws, so the same gradients, either way."""
-    records, rounds = {}, {}
+    records = {}
     for mode in ("sequential", "vectorized"):
         cfg = tiny_config(method__name="creff", fl__client_training=mode, method__creff_num_features=10,
                           method__creff_match_steps=5, method__creff_retrain_epochs=3, method__creff_grad_reps=2)

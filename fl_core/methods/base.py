@@ -68,8 +68,7 @@ class Method:
     def client_update(self, engine: "Engine", client_id: int, generator: torch.Generator) -> ClientResult:
         """Local training of one sampled client, starting from the global model."""
         model = engine.worker_model()
-        targets = self.client_targets(engine, client_id)
-        extra = None if targets is None else (lambda logits, idx: self.client_extra_loss(logits, targets[idx]))
+        extra = self._extra_loss(self.client_targets(engine, client_id))
         stats = local_sgd(model, engine.data.clients[client_id], engine.data.pipeline, generator,
                           self.sgd_settings(engine.cfg), extra_loss=extra)
         return self.client_result(engine, client_id, state_copy(model), stats)
@@ -77,12 +76,10 @@ class Method:
     def train_together(self, engine: "Engine", client_ids: list[int], generators: list[torch.Generator]) -> list[ClientResult]:
         """``client_update`` of every client in ``client_ids`` at once (``train_clients_vectorized``)."""
         targets = [self.client_targets(engine, k) for k in client_ids]
-        extra = None
-        if targets[0] is not None:  # indexed like the clients' images, concatenated in this order
-            every = torch.cat(targets)
-            extra = lambda logits, idx: self.client_extra_loss(logits, every[idx])  # noqa: E731
+        every = None if targets[0] is None else torch.cat(targets)  # indexed like the clients' images, concatenated
         outcomes = train_clients_vectorized(engine.model, [engine.data.clients[k] for k in client_ids],
-                                            engine.data.pipeline, generators, self.sgd_settings(engine.cfg), extra)
+                                            engine.data.pipeline, generators, self.sgd_settings(engine.cfg),
+                                            self._extra_loss(every))
         return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
 
     def client_targets(self, engine: "Engine", client_id: int) -> torch.Tensor | None:
@@ -94,6 +91,12 @@ class Method:
         """The client's extra training term on a batch's logits ``(..., batch, classes)`` and the
         batch's ``client_targets``; one value per leading index (a scalar for one client)."""
         raise NotImplementedError(f"{type(self).__name__} has client_targets but no client_extra_loss")
+
+    def _extra_loss(self, targets: torch.Tensor | None):
+        """The training loops' ``extra_loss(logits, indices)`` reading ``targets`` at the batch's images."""
+        if targets is None:
+            return None
+        return lambda logits, idx: self.client_extra_loss(logits, targets[idx])
 
     def client_result(self, engine: "Engine", client_id: int, state: dict[str, torch.Tensor], stats: LocalStats) -> ClientResult:
         """What a plain local-SGD client uploads (its model) and computes (its training steps)."""
