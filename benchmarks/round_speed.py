@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ from torchvision import transforms
 from fl_core.config import make_config, parse_set_args
 from fl_core.data.federated import build_federated_data
 from fl_core.fl import Engine, client_generator, client_schedule, resolve_device
+from fl_core.fl.engine import resolve_stacked_execution
 from fl_core.methods import make_method
 from fl_core.methods.base import Method
 from fl_core.methods.clip2fl import kd_loss
@@ -184,6 +186,35 @@ def time_clip2fl_round(profile, overrides, data, clients, generators, scratch, d
     return timed(device, peers_round, repeats), timed(device, our_round, repeats), first_visit
 
 
+def time_variants(engine: Engine, clients: list[int], generators, device: torch.device, n: int, images: int) -> dict:
+    """(c) under every combination of the execution switches, each as its own warmed-up timing;
+    the last stdout line is a JSON object whose ``fastest`` holds the fastest combination's ``--set``
+    overrides. bf16 changes the arithmetic (and the fingerprint); the others do not."""
+    engine.vectorized, base = True, engine.cfg
+    seconds = {}
+    for graphs in ("off", "on") if device.type == "cuda" else ("off",):
+        for layout in ("off", "on"):
+            for precision in ("fp32", "bf16"):
+                overrides = {"fl.cuda_graphs": graphs, "fl.channels_last": layout, "fl.precision": precision}
+                engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, cuda_graphs=graphs,
+                                                                              channels_last=layout, precision=precision))
+                engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
+                key = " ".join(f"{k}={v}" for k, v in overrides.items())
+                try:
+                    engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
+                    seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
+                except RuntimeError as error:  # reported, and the other combinations still timed
+                    print(f"(c) {key:<56} failed: {error}", flush=True)
+                    continue
+                print(f"(c) {key:<56}{seconds[key]:>8.2f} s{images / seconds[key]:>10.0f} images/s", flush=True)
+    engine.cfg = base
+    fastest = min(seconds, key=seconds.get)
+    result = {"device": device_description(device), "images": images, "vectorized_seconds": seconds,
+              "fastest": fastest.split(), "speedup_of_fastest": seconds[next(iter(seconds))] / seconds[fastest]}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="offline")
@@ -192,6 +223,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="time each loop this often, keep the best")
     parser.add_argument("--no-clip2fl", dest="clip2fl", action="store_false",
                         help="skip (d), which needs the CLIP-role encoder's weights")
+    parser.add_argument("--variants", action="store_true",
+                        help="time only (c), under every execution switch (fl.cuda_graphs on CUDA, fl.channels_last, "
+                             "fl.precision), and name the fastest")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
     args = parser.parse_args(argv)
     overrides = {"device": args.device, **parse_set_args(args.set)}
@@ -219,6 +253,8 @@ def main(argv=None) -> dict:
 
     seconds = {}
     n = args.repeats
+    if args.variants:
+        return time_variants(engine, clients, generators, device, n, images)
     seconds["reference"] = timed(device, lambda: [peer_client_training(engine.model, data.clients[k], data.pipeline, device, f)
                                                   for k in clients], n)
     for mode in ("sequential", "vectorized"):

@@ -41,8 +41,13 @@ ALIGN_PARAMS = ("all", "classifier")
 ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_TRAINING = ("auto", "sequential", "vectorized")
+SWITCHES = ("auto", "on", "off")
+PRECISIONS = ("fp32", "bf16")
 # settings that change how a run executes, not its results (left out of the fingerprint)
-EXECUTION_ONLY = ("profile", "fl.client_training")
+EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last")
+# settings added after runs were recorded: left out of the fingerprint at these values, so that
+# those runs keep their fingerprints
+FINGERPRINT_SINCE = {"fl.precision": "fp32"}
 MLLM_BACKENDS = ("simulated", "hf")
 CLIP_BACKENDS = ("offline", "open_clip")
 
@@ -90,6 +95,12 @@ class FLConfig:
     # how a round's clients are trained: one after another, all at once (one stacked model), or auto
     # (at once on CUDA); equal results within float tolerance, so not part of the fingerprint
     client_training: str = "auto"
+    # clients trained together: replay each recurring step from a CUDA graph (auto: on CUDA), and
+    # lay out their batches channels-last (auto: on CPU, where oneDNN's grouped convolutions gain)
+    cuda_graphs: str = "auto"
+    channels_last: str = "auto"
+    # local training's arithmetic: fp32, or bf16 autocast of the forward pass (changes results)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -170,7 +181,8 @@ class ExperimentConfig:
 
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (the profile name does not)."""
-        settings = {k: v for k, v in self.flat().items() if k not in EXECUTION_ONLY}
+        settings = {k: v for k, v in self.flat().items()
+                    if k not in EXECUTION_ONLY and not (k in FINGERPRINT_SINCE and v == FINGERPRINT_SINCE[k])}
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -312,6 +324,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("model.arch", m.arch, ARCHS)
     _choice("device", cfg.device, DEVICES)
     _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
+    _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
+    _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)
+    _choice("fl.precision", cfg.fl.precision, PRECISIONS)
+    if cfg.fl.cuda_graphs == "on" and cfg.device == "cpu":
+        raise ValueError("fl.cuda_graphs=on needs a CUDA device, but device=cpu; use fl.cuda_graphs=auto or off")
     _choice("profile", cfg.profile, PROFILES)
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
     if not d.alpha > 0:

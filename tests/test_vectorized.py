@@ -24,13 +24,21 @@ def clients_of_sizes(sizes):
             for n in sizes]
 
 
+TEST_DEVICE = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")  # =cuda: on a GPU (benchmarks/device_check.sh)
+# how the stacked loop executes: none of it may change the arithmetic
+EXECUTIONS = [{}, {"channels_last": False}, {"channels_last": True},
+              pytest.param({"cuda_graphs": True}, marks=pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")),
+              pytest.param({"cuda_graphs": True, "channels_last": True},
+                           marks=pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("momentum, weight_decay, prox_mu, distill", [(0.0, 0.0, 0.0, False), (0.9, 5e-4, 0.1, False),
                                                                       (0.0, 0.0, 0.0, True)])
-def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, distill, monkeypatch):
+def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, distill, execution, monkeypatch):
     # In float64, so that equality is tight: in float32 the two summation orders (grouped vs separate
     # convolutions) differ by ~1e-7, which many SGD steps on noise can amplify chaotically.
-    # FL_CORE_TEST_DEVICE=cuda runs it on a GPU (benchmarks/device_check.sh).
-    device = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")
+    device = TEST_DEVICE
     normalize = ImagePipeline.normalize
     monkeypatch.setattr(ImagePipeline, "normalize", lambda self, images: normalize(self, images).double())
     # sizes give different step counts and short last batches (37 = 16+16+5, 16, 50 = 3*16+2, 5)
@@ -50,7 +58,8 @@ def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_m
                 for k, data in enumerate(clients)]
     every = torch.cat(teachers)
     together = train_clients_vectorized(model, clients, pipe, generators(), sgd,
-                                        (lambda logits, idx: kd_loss(logits, every[idx], 3.0)) if distill else None)
+                                        (lambda logits, idx: kd_loss(logits, every[idx], 3.0)) if distill else None,
+                                        **execution)
     assert all(torch.equal(model.state_dict()[k], global_state[k]) for k in global_state)  # global model untouched
     for data, gen, teacher, (state, stats) in zip(clients, generators(), teachers, together):
         alone = copy.deepcopy(model)
@@ -65,7 +74,10 @@ def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_m
             assert torch.allclose(state[key].double(), expected[key].double(), atol=1e-12, rtol=0), key
 
 
-def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
+def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path, monkeypatch):
+    # On CUDA (where fl.cuda_graphs=auto captures the steps), with cuDNN's TF32 off: it rounds
+    # convolutions to 10-bit mantissas, which two runs' SGD amplify beyond float32's tolerances here.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     records, weights = {}, {}
     for mode in ("sequential", "vectorized"):
         cfg = tiny_config(method__name="fedprox", fl__client_training=mode)
@@ -81,7 +93,8 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path):
     # float32 rounding differs between the two (see above): close, not bitwise equal
     assert vec["final"]["top1"] == pytest.approx(seq["final"]["top1"], abs=0.02)
     for key in weights["sequential"]:
-        assert torch.allclose(weights["sequential"][key].float(), weights["vectorized"][key].float(), atol=0.05), key
+        gap = (weights["sequential"][key].float() - weights["vectorized"][key].float()).abs().max().item()
+        assert gap <= 0.05, f"{key}: max |difference| {gap}"
 
 
 def test_creff_clients_trained_together_equal_one_after_another(tiny_config, tmp_path):
@@ -105,6 +118,48 @@ def test_creff_clients_trained_together_equal_one_after_another(tiny_config, tmp
 def test_unknown_client_training_mode_is_rejected(tiny_config):
     with pytest.raises(ValueError, match="fl.client_training"):
         tiny_config(fl__client_training="parallel")
+
+
+def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_config):
+    base = tiny_config()
+    for key, value in (("fl__cuda_graphs", "off"), ("fl__channels_last", "on"), ("fl__precision", "fp32")):
+        assert tiny_config(**{key: value}).fingerprint() == base.fingerprint(), key
+    assert tiny_config(fl__precision="bf16").fingerprint() != base.fingerprint()  # changes the arithmetic
+    with pytest.raises(ValueError, match="fl.precision='fp16' is not valid; choose one of: bf16, fp32"):
+        tiny_config(fl__precision="fp16")
+    with pytest.raises(ValueError, match="fl.cuda_graphs=on needs a CUDA device"):
+        tiny_config(fl__cuda_graphs="on", device="cpu")
+    with pytest.raises(ValueError, match="fl.cuda_graphs"):
+        tiny_config(fl__cuda_graphs="yes")
+
+
+def test_cuda_graphs_need_cuda():
+    clients = clients_of_sizes([20])
+    with pytest.raises(ValueError, match="cuda_graphs needs the clients' data on a CUDA device"):
+        train_clients_vectorized(ResNet8(3, 1, 0.125), clients, ImagePipeline((0.5,), (0.5,)),
+                                 [torch.Generator().manual_seed(0)], SGDSettings(1, 16, 0.1), cuda_graphs=True)
+
+
+def test_bf16_autocast_trains_both_ways_alike():
+    """``fl.precision=bf16``: the forward pass in bfloat16 (losses within bf16's rounding of fp32's),
+    alike for clients trained together and alone; the weights stay float32."""
+    device = TEST_DEVICE
+    clients = [data.to(device) for data in clients_of_sizes([37, 16])]
+    pipe = ImagePipeline((0.5,), (0.5,), crop_padding=1)
+    torch.manual_seed(0)
+    model = ResNet8(3, 1, 0.125).to(device)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        sgd = SGDSettings(epochs=2, batch_size=16, lr=0.05, precision=precision)
+        together = train_clients_vectorized(model, clients, pipe, [torch.Generator().manual_seed(k) for k in range(2)], sgd)
+        alone = [local_sgd(copy.deepcopy(model), data, pipe, torch.Generator().manual_seed(k), sgd)
+                 for k, data in enumerate(clients)]
+        for (state, stats), reference in zip(together, alone):
+            assert stats.mean_loss == pytest.approx(reference.mean_loss, rel=0.02)
+            assert all(t.dtype in (torch.float32, torch.int64) for t in state.values())
+        losses[precision] = [stats.mean_loss for _, stats in together]
+    assert losses["bf16"] != losses["fp32"]  # it did run in bf16
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
 
 
 @pytest.mark.parametrize("arch", ["resnet8", "resnet8_clip2fl", "resnet50"])

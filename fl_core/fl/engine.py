@@ -51,6 +51,20 @@ def resolve_client_training(mode: str, device: torch.device) -> bool:
     return mode == "vectorized" or (mode == "auto" and device.type == "cuda")
 
 
+def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool]:
+    """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA) and
+    ``fl.channels_last`` (auto: on CPU); keyword arguments of ``train_clients_vectorized``."""
+    if fl.cuda_graphs == "on" and device.type != "cuda":
+        raise ValueError(f"fl.cuda_graphs=on needs a CUDA device, but the run's device is {device.type}; "
+                         "use fl.cuda_graphs=auto or off")
+
+    def switch(mode: str, auto: bool) -> bool:
+        return mode == "on" or (mode == "auto" and auto)
+
+    return {"cuda_graphs": switch(fl.cuda_graphs, device.type == "cuda"),
+            "channels_last": switch(fl.channels_last, device.type == "cpu")}
+
+
 class Engine:
     def __init__(self, cfg: ExperimentConfig, method: "Method", data: FederatedData, run_dir: Path | str,
                  device: torch.device, progress: bool = True):
@@ -64,6 +78,7 @@ class Engine:
                                  method.projection_dim(cfg), method.default_arch).to(device)
         self._worker: nn.Module | None = None
         self.vectorized = resolve_client_training(cfg.fl.client_training, device)
+        self.stacked_execution = resolve_stacked_execution(cfg.fl, device)
         self.runner = "in-process"  # or "flower" (fl_core.flower drives the rounds)
         self._schedule = client_schedule(cfg.seed, cfg.data.num_clients, cfg.fl.clients_per_round, cfg.fl.rounds)
         image_shape = tuple(data.dataset.train.images.shape[1:])
@@ -173,6 +188,7 @@ class Engine:
             "device": device_description(self.device),
             "runner": self.runner,
             "client_training": "vectorized" if self.vectorized and self.runner == "in-process" else "sequential",
+            "stacked_execution": self.stacked_execution if self.vectorized and self.runner == "in-process" else None,
             "torch": torch.__version__,
             "data": self.data.summary(cfg.data.many_threshold, cfg.data.few_threshold),
             "rounds": rounds,

@@ -31,11 +31,17 @@ class SGDSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     prox_mu: float = 0.0
+    precision: str = "fp32"  # or "bf16": the forward pass under bf16 autocast
 
     @classmethod
     def from_config(cls, fl, prox_mu: float = 0.0) -> "SGDSettings":
         """The settings of ``cfg.fl`` (an ``FLConfig``) with a method's ``prox_mu``."""
-        return cls(fl.local_epochs, fl.batch_size, fl.lr, fl.momentum, fl.weight_decay, prox_mu)
+        return cls(fl.local_epochs, fl.batch_size, fl.lr, fl.momentum, fl.weight_decay, prox_mu, fl.precision)
+
+    def autocast(self, device: torch.device):
+        """The forward pass's autocast context (a no-op in fp32). Its weight cache is off: a cached
+        cast would be stale after the in-place update, and CUDA graphs cannot capture one."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,11 @@ def plan_client_steps(num_samples: int, pipeline: ImagePipeline, generator: torc
     return ClientSteps(torch.cat(orders).to(device), torch.cat(draws).to(device) if draws else None, tuple(bounds))
 
 
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 logits (autocast) -> float32 for the loss; others as they are (float64 in tests)."""
+    return logits.float() if logits.dtype == torch.bfloat16 else logits
+
+
 def local_sgd(
     model: nn.Module,
     data: ImageSplit,
@@ -100,7 +111,9 @@ def local_sgd(
                              device=data.images.device)
     for step in range(len(plan.bounds)):
         x, y, idx = plan.batch(step, data, pipeline)
-        _, logits = model(x)
+        with sgd.autocast(x.device):
+            _, logits = model(x)
+        logits = full_precision(logits)
         loss = F.cross_entropy(logits, y)
         objective = loss
         if extra_loss is not None:

@@ -8,12 +8,16 @@ differ in size are handled exactly by bucketing: each step trains, per batch siz
 clients whose next batch has that size; a client that has finished its epochs sits out.
 
 This pays where a step is bound by kernel launches (small models on a GPU) and, on a CPU, for small
-models (see ``benchmarks/round_speed.py``).
+models (see ``benchmarks/round_speed.py``). On CUDA a step still launches hundreds of kernels from
+Python; with ``cuda_graphs`` each recurring step (same members, same batch size: most steps of a
+round) is captured once as a CUDA graph and replayed, gathering and augmenting its batch inside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 from collections import defaultdict
 from typing import Callable
@@ -25,7 +29,7 @@ from torch.func import functional_call
 
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import ImageSplit
-from fl_core.fl.local import LocalStats, SGDSettings, plan_client_steps
+from fl_core.fl.local import LocalStats, SGDSettings, full_precision, plan_client_steps
 from fl_core.fl.stacked import per_client, stacked_skeleton
 
 
@@ -36,6 +40,9 @@ def train_clients_vectorized(
     generators: list[torch.Generator],
     sgd: SGDSettings,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    cuda_graphs: bool = False,
+    channels_last: bool | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
@@ -44,8 +51,16 @@ def train_clients_vectorized(
     members at once: logits ``(members, batch, classes)``, indices ``(members, batch)`` into the
     clients' datasets concatenated in the order given; it returns each member's term ``(members,)``.
 
+    ``cuda_graphs`` replays recurring steps from CUDA graphs (CUDA only); ``channels_last`` lays
+    out the stacked batches channels-last (default: on CPU only). Neither changes the arithmetic.
+
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
+    device = clients[0].images.device
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs needs the clients' data on a CUDA device, not {device.type}")
+    if channels_last is None:
+        channels_last = device.type == "cpu"  # oneDNN runs these grouped convolutions ~1.3x faster
     num = len(clients)
     skeleton = stacked_skeleton(model)
     stack = {name: t.detach().unsqueeze(0).repeat(num, *[1] * t.dim()) for name, t in model.state_dict().items()}
@@ -58,12 +73,12 @@ def train_clients_vectorized(
     def batched_loss(p, b, x, y, idx):
         """Each member's mean cross-entropy (what is reported) and its training objective (plus the
         extra term); ``x`` in the stacked layout, ``y`` and ``idx`` (members, batch)."""
-        _, logits = functional_call(skeleton, (p, b), (x,))
-        logits = per_client(logits, len(y))
+        with sgd.autocast(x.device):
+            _, logits = functional_call(skeleton, (p, b), (x,))
+        logits = per_client(full_precision(logits), len(y))
         losses = F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
         return losses, losses if extra_loss is None else losses + extra_loss(logits, idx)
 
-    device = clients[0].images.device
     plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
              for data, gen in zip(clients, generators)]
     # the round's clients as one dataset (each plan's indices shifted to its client's block), so that
@@ -75,24 +90,37 @@ def train_clients_vectorized(
     rows_of: dict[tuple[int, ...], torch.Tensor] = {}  # member tuples recur: one host-to-device copy each
     loss_sum = torch.zeros(num, device=device, dtype=next(iter(params.values())).dtype)
     steps = [len(plan.bounds) for plan in plans]
-    for t in range(max(steps)):
-        buckets: dict[int, list[int]] = defaultdict(list)  # batch size -> the clients whose step t has it
-        for k, plan in enumerate(plans):
-            if t < steps[k]:
-                start, stop = plan.bounds[t]
-                buckets[stop - start].append(k)
-        for members in buckets.values():
-            x, y, idx = _stacked_batch([plans[k].take(t) for k in members], images, labels, pipeline)
-            rows = None
-            if len(members) < num:
-                if tuple(members) not in rows_of:
-                    rows_of[tuple(members)] = torch.tensor(members, device=device)
-                rows = rows_of[tuple(members)]
-            losses = _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd)
-            if rows is None:
-                loss_sum += losses
-            else:
-                loss_sum.index_add_(0, rows, losses)
+    graphs = _StepGraphs(device) if cuda_graphs else None
+
+    def bucket_step(members: tuple[int, ...], rows: torch.Tensor | None, indices: torch.Tensor, draws: torch.Tensor | None):
+        """One step of the bucket ``members``: their batches gathered and augmented, trained, losses summed."""
+        x, y, idx = _stacked_batch(indices, draws, len(members), images, labels, pipeline, channels_last)
+        losses = _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd)
+        if rows is None:
+            loss_sum.add_(losses)
+        else:
+            loss_sum.index_add_(0, rows, losses)
+
+    with graphs or contextlib.nullcontext():
+        for t in range(max(steps)):
+            buckets: dict[int, list[int]] = defaultdict(list)  # batch size -> the clients whose step t has it
+            for k, plan in enumerate(plans):
+                if t < steps[k]:
+                    start, stop = plan.bounds[t]
+                    buckets[stop - start].append(k)
+            for size, members in buckets.items():
+                members = tuple(members)
+                rows = None
+                if len(members) < num:
+                    if members not in rows_of:
+                        rows_of[members] = torch.tensor(members, device=device)
+                    rows = rows_of[members]
+                indices, draws = _member_batches([plans[k].take(t) for k in members])
+                run = functools.partial(bucket_step, members, rows)
+                if graphs is None:
+                    run(indices, draws)
+                else:
+                    graphs.run((members, size), run, indices, draws)
     loss_totals = loss_sum.tolist()
     return [
         ({n: stack[n][k].clone() for n in stack},
@@ -101,19 +129,67 @@ def train_clients_vectorized(
     ]
 
 
-def _stacked_batch(members, images, labels, pipeline: ImagePipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The members' step batches, gathered and augmented in one go: images in the stacked model's
-    layout (image ``b`` of every member side by side), labels and indices ``(members, batch)``. ``members``
-    holds each member's ``(indices into images, augmentation draws)`` of this step."""
-    idx = torch.stack([indices for indices, _ in members], dim=1).flatten()
+def _member_batches(members) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The bucket's step batches interleaved (image ``b`` of every member side by side): image
+    indices and augmentation draws; ``members`` holds each member's ``ClientSteps.take``."""
+    indices = torch.stack([indices for indices, _ in members], dim=1).flatten()
     draws = None if members[0][1] is None else torch.stack([d for _, d in members], dim=1).flatten(0, 1)
-    x = pipeline.augment(pipeline.normalize(images[idx]), draws)
-    size = len(idx) // len(members)
-    x = x.view(size, len(members) * x.shape[1], *x.shape[2:])
-    if x.device.type == "cpu":  # oneDNN runs these grouped convolutions ~1.3x faster on channels-last input
+    return indices, draws
+
+
+def _stacked_batch(indices, draws, members: int, images, labels, pipeline: ImagePipeline,
+                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bucket's batches (``_member_batches``) gathered and augmented in one go: images in the
+    stacked model's layout, labels and indices ``(members, batch)``."""
+    x = pipeline.augment(pipeline.normalize(images[indices]), draws)
+    size = len(indices) // members
+    x = x.view(size, members * x.shape[1], *x.shape[2:])
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    idx = idx.view(size, len(members)).T
+    idx = indices.view(size, members).T
     return x, labels[idx], idx
+
+
+class _StepGraphs:
+    """Runs a round's bucket steps, each recurring one from a CUDA graph: a step's first occurrence
+    runs eagerly (and warms up), its second is captured and replayed, later ones copy their batch's
+    indices and draws into the captured inputs and replay. A graph replays the very kernels the
+    eager step launches, on the same tensors (updated in place), so the arithmetic is unchanged.
+    Used as a context: the steps run on a side stream, as capture requires of warm-up work."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.seen: set = set()
+        self.graphs: dict = {}
+
+    def __enter__(self):
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        self._context = torch.cuda.stream(self.stream)
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._context.__exit__(*exc)
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.graphs.clear()  # frees the graphs' memory pools
+
+    def run(self, key, step: Callable, *inputs: torch.Tensor | None) -> None:
+        if key in self.graphs:
+            graph, static = self.graphs[key]
+            for held, given in zip(static, inputs):
+                if held is not None:
+                    held.copy_(given, non_blocking=True)
+            graph.replay()
+        elif key in self.seen:
+            static = [None if given is None else given.clone() for given in inputs]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream):
+                step(*static)
+            graph.replay()  # capturing records the step without running it
+            self.graphs[key] = (graph, static)
+        else:
+            self.seen.add(key)
+            step(*inputs)
 
 
 def _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd: SGDSettings) -> torch.Tensor:

@@ -79,7 +79,7 @@ class Method:
         every = None if targets[0] is None else torch.cat(targets)  # indexed like the clients' images, concatenated
         outcomes = train_clients_vectorized(engine.model, [engine.data.clients[k] for k in client_ids],
                                             engine.data.pipeline, generators, self.sgd_settings(engine.cfg),
-                                            self._extra_loss(every))
+                                            self._extra_loss(every), **engine.stacked_execution)
         return [self.client_result(engine, k, state, stats) for k, (state, stats) in zip(client_ids, outcomes)]
 
     def client_targets(self, engine: "Engine", client_id: int) -> torch.Tensor | None:
