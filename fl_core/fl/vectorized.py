@@ -183,8 +183,12 @@ class _StepGraphs:
         elif key in self.seen:
             static = [None if given is None else given.clone() for given in inputs]
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                step(*static)
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    step(*static)
+            except RuntimeError as error:  # e.g. a method's loss that reads a value back to the host
+                raise RuntimeError(f"capturing a local training step as a CUDA graph failed ({error}); a "
+                                   "step must not synchronize with the host. Run with fl.cuda_graphs=off") from error
             graph.replay()  # capturing records the step without running it
             self.graphs[key] = (graph, static)
         else:
