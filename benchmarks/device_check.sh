@@ -26,7 +26,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONHASHSEED=0 FL_CORE_RUNS=$OUT/ru
 
 echo "== 1. vectorized == sequential on $DEVICE (CUDA graphs, run level, bf16)"
 FL_CORE_TEST_DEVICE=$DEVICE timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_vectorized.py \
-  -k "execution0 or execution3 or execution4 or run_equals or bf16 or creff" 2>&1 | tail -8
+  -k "contiguous or graphs or run_equals or bf16 or creff" 2>&1 | tail -8
 
 echo "== 2. the vectorized loop's switches on $DEVICE, $EPOCHS local epochs, ResNet-8 width 1"
 timeout 100 $PY benchmarks/round_speed.py --device "$DEVICE" --local-epochs "$EPOCHS" --variants --repeats 1 \

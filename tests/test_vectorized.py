@@ -26,10 +26,11 @@ def clients_of_sizes(sizes):
 
 TEST_DEVICE = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")  # =cuda: on a GPU (benchmarks/device_check.sh)
 # how the stacked loop executes: none of it may change the arithmetic
-EXECUTIONS = [{}, {"channels_last": False}, {"channels_last": True},
-              pytest.param({"cuda_graphs": True}, marks=pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")),
-              pytest.param({"cuda_graphs": True, "channels_last": True},
-                           marks=pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA"))]
+NEEDS_CUDA = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")
+EXECUTIONS = [pytest.param({"channels_last": False}, id="contiguous"),
+              pytest.param({"channels_last": True}, id="channels_last"),
+              pytest.param({"cuda_graphs": True}, id="graphs", marks=NEEDS_CUDA),
+              pytest.param({"cuda_graphs": True, "channels_last": True}, id="graphs_channels_last", marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
