@@ -215,6 +215,30 @@ def time_variants(engine: Engine, clients: list[int], generators, device: torch.
     return result
 
 
+def profile_kernels(engine: Engine, clients: list[int], generators, device: torch.device, rows: int = 20) -> dict:
+    """One round of (c) under ``torch.profiler``, eager (a CUDA graph replays the same kernels):
+    the operations by self device time (on a CPU: self CPU time), and the totals as a JSON line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.vectorized = True
+    engine.stacked_execution = {**engine.stacked_execution, "cuda_graphs": False}
+    engine.method.train_clients(engine, clients, generators())  # warm-up
+    cuda = device.type == "cuda"
+    tic = _sync_time(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        engine.method.train_clients(engine, clients, generators())
+        wall = _sync_time(device) - tic
+    events = prof.key_averages()
+    device_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=device_time, row_limit=rows))
+    result = {"device": device_description(device), "wall_seconds": wall,
+              "busy_seconds": sum(getattr(e, device_time) for e in events) / 1e6,
+              "operations": sum(e.count for e in events if e.key.startswith("aten::")),
+              "stacked_execution": engine.stacked_execution, "precision": engine.cfg.fl.precision}
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="offline")
@@ -226,6 +250,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variants", action="store_true",
                         help="time only (c), under every execution switch (fl.cuda_graphs on CUDA, fl.channels_last, "
                              "fl.precision), and name the fastest")
+    parser.add_argument("--kernels", action="store_true",
+                        help="profile one round of (c), eager, and print the operations taking the most device time")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
     args = parser.parse_args(argv)
     overrides = {"device": args.device, **parse_set_args(args.set)}
@@ -255,6 +281,8 @@ def main(argv=None) -> dict:
     n = args.repeats
     if args.variants:
         return time_variants(engine, clients, generators, device, n, images)
+    if args.kernels:
+        return profile_kernels(engine, clients, generators, device)
     seconds["reference"] = timed(device, lambda: [peer_client_training(engine.model, data.clients[k], data.pipeline, device, f)
                                                   for k in clients], n)
     for mode in ("sequential", "vectorized"):

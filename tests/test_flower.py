@@ -151,7 +151,9 @@ def test_loopback_deployment_equals_in_process_engine(deployment, tiny_config, t
 def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_completes(deployment, tmp_path):
     tiny = {**TINY, **DEPLOYED, "fl.clients_per_round": 3, "fl.rounds": 3}
     run_dir = tmp_path / "flower"
-    submitted = deployment.submit(run_config(tiny, run_dir, **{"client-timeout": 30}), stream=False)
+    # round 1 includes each SuperNode starting its ClientApp process (imports, data): ~20 s alone on 2
+    # cores, over 30 s when the suite runs beside it, so the timeout leaves room for that
+    submitted = deployment.submit(run_config(tiny, run_dir, **{"client-timeout": 60}), stream=False)
     assert submitted.returncode == 0, submitted.stderr
     record_path = run_dir / "record.json"
     deadline = time.monotonic() + 300
