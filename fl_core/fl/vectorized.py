@@ -155,9 +155,13 @@ class _StepGraphs:
     runs eagerly (and warms up), its second is captured and replayed, later ones copy their batch's
     indices and draws into the captured inputs and replay. A graph replays the very kernels the
     eager step launches, on the same tensors (updated in place), so the arithmetic is unchanged.
-    Used as a context: the steps run on a side stream, as capture requires of warm-up work."""
+    Used as a context: the steps run on a side stream, as capture requires of warm-up work.
 
-    def __init__(self, device: torch.device):
+    Each graph keeps its own memory for a step's activations, so at most ``max_graphs`` are held
+    (clients of very different sizes make many member sets); steps beyond them run eagerly."""
+
+    def __init__(self, device: torch.device, max_graphs: int = 16):
+        self.max_graphs = max_graphs
         self.stream = torch.cuda.Stream(device)
         self.seen: set = set()
         self.graphs: dict = {}
@@ -180,7 +184,7 @@ class _StepGraphs:
                 if held is not None:
                     held.copy_(given, non_blocking=True)
             graph.replay()
-        elif key in self.seen:
+        elif key in self.seen and len(self.graphs) < self.max_graphs:
             static = [None if given is None else given.clone() for given in inputs]
             graph = torch.cuda.CUDAGraph()
             try:
