@@ -17,7 +17,9 @@ the clients sampled in round 1 train from the same global model, timed as
 It prints images/s, the speed-ups against (a) and (d), and the FLOP/s of local training as a
 fraction of the machine's fp32 matmul FLOP/s measured in the same run (the better of BLAS and
 oneDNN/cuDNN); ``fraction_of_matmul_peak`` is that of the loop the profile's FedAvg runs use. The
-last stdout line is one JSON object. Usage: ``python benchmarks/round_speed.py [--profile offline] [--local-epochs N] [--set k=v ...]``.
+last stdout line is one JSON object. Usage: ``python benchmarks/round_speed.py [--profile offline] [--local-epochs N] [--set k=v ...]``;
+``--variants`` times (c) alone under every execution switch (``fl.cuda_graphs``, ``fl.channels_last``,
+``fl.precision``), ``--kernels`` profiles one round of (c).
 """
 
 from __future__ import annotations
