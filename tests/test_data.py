@@ -21,6 +21,21 @@ def test_mnist_is_the_real_thing(mnist):
     assert int(mnist.train.images.max()) == 255 and mnist.flip is False
 
 
+def test_mnist_decoded_once_per_machine_reads_back_the_same_bytes(tmp_path, monkeypatch):
+    from fl_core.data import datasets
+
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path))
+    datasets._mnist_splits.cache_clear()  # as in a fresh process
+    decoded = datasets._mnist_splits()
+    assert len(list((tmp_path / "datasets").glob("mnist-*.npz"))) == 1
+    datasets._mnist_splits.cache_clear()
+    loaded = datasets._mnist_splits()
+    datasets._mnist_splits.cache_clear()
+    for (images, labels), (images_again, labels_again) in zip(decoded, loaded):
+        assert images_again.dtype == np.uint8 and labels_again.dtype == np.int64
+        assert np.array_equal(images, images_again) and np.array_equal(labels, labels_again)
+
+
 def test_limits_take_the_head_of_train_and_a_stratified_test(mnist):
     ds = load_dataset(make_config("smoke", {"data.train_limit": 1234, "data.test_limit": 105}).data)
     assert torch.equal(ds.train.labels, mnist.train.labels[:1234])
