@@ -197,11 +197,10 @@ def time_variants(engine: Engine, clients: list[int], generators, device: torch.
     for graphs in ("off", "on") if device.type == "cuda" else ("off",):
         for layout in ("off", "on"):
             for precision in ("fp32", "bf16"):
-                overrides = {"fl.cuda_graphs": graphs, "fl.channels_last": layout, "fl.precision": precision}
-                engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, cuda_graphs=graphs,
-                                                                              channels_last=layout, precision=precision))
+                switches = {"cuda_graphs": graphs, "channels_last": layout, "precision": precision}
+                engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
                 engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
-                key = " ".join(f"{k}={v}" for k, v in overrides.items())
+                key = " ".join(f"fl.{k}={v}" for k, v in switches.items())
                 try:
                     engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
                     seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
