@@ -173,6 +173,7 @@ class Engine:
     def _record(self, status: str) -> dict:
         cfg, rounds = self.cfg, self._rounds
         final = self._last_metrics if status == "complete" else None
+        together = self.vectorized and self.runner == "in-process"  # Flower clients train one at a time
         uploads = [b for entry in rounds for b in entry["upload_bytes"].values()]
         flops = [x for entry in rounds for x in entry["client_flops"].values()]
         return {
@@ -187,8 +188,8 @@ class Engine:
             **git_commit(),
             "device": device_description(self.device),
             "runner": self.runner,
-            "client_training": "vectorized" if self.vectorized and self.runner == "in-process" else "sequential",
-            "stacked_execution": self.stacked_execution if self.vectorized and self.runner == "in-process" else None,
+            "client_training": "vectorized" if together else "sequential",
+            "stacked_execution": self.stacked_execution if together else None,
             "torch": torch.__version__,
             "data": self.data.summary(cfg.data.many_threshold, cfg.data.few_threshold),
             "rounds": rounds,
