@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Issue 8's GPU checks as one prepared run, for a session that is lent the GPU machine:
+#   0. how stacked clients' convolutions should run: grouped vs one dense convolution per client
+#      (benchmarks/stacked_conv.py, one graphed step of 8 ResNet-8s at width 1);
 #   1. the vectorized engine equals the sequential one on CUDA, with CUDA graphs too
 #      (tests/test_vectorized.py on FL_CORE_TEST_DEVICE: float64 equivalence, run level, bf16);
 #   2. the vectorized loop at the paper's width under every execution switch (`round_speed.py
@@ -24,6 +26,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONHASHSEED=0 FL_CORE_RUNS=$OUT/runs FL_CORE_CACHE=/tmp/fl_core_cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
+
+echo "== 0. stacked convolutions on $DEVICE: grouped or per client"
+timeout 90 $PY benchmarks/stacked_conv.py --device "$DEVICE" 2>&1 | grep -v -i warn | tee "$OUT/stacked_conv.txt"
 
 echo "== 1. vectorized == sequential on $DEVICE (CUDA graphs, run level, bf16)"
 FL_CORE_TEST_DEVICE=$DEVICE timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_vectorized.py \

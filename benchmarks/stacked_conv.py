@@ -1,0 +1,162 @@
+"""How clients trained together could run their convolutions: one training step (forward and
+backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
+
+- ``grouped``: one grouped convolution over all clients, what the engine does (cuDNN's/oneDNN's
+  default algorithm choice),
+- ``grouped+benchmark``: the same with ``torch.backends.cudnn.benchmark`` (CUDA only; cuDNN times
+  its algorithms and keeps the fastest, a choice that can differ between runs),
+- ``per_client``: one dense convolution per client on its channel block, outputs concatenated,
+- ``per_client+streams``: the same, each client's on its own CUDA stream (CUDA only),
+
+in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
+graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
+Prints milliseconds per step and the ratio against ``grouped`` in the same layout and precision;
+the last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest
+in every layout and precision; on 2 CPU cores it ties per-client in channels-last (what the engine
+uses there) and loses to it only in contiguous fp32. So the engine keeps grouped convolutions.
+
+    python benchmarks/stacked_conv.py --device cuda [--clients 8] [--batch 32] [--width 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from fl_core.fl.stacked import _StackedConv2d, stacked_skeleton
+from fl_core.models import ResNet8
+
+
+def _per_client(streams=None):
+    """A ``_StackedConv2d.forward`` that runs one dense convolution per client; with ``streams``,
+    client k's on ``streams[k]`` (unbind/chunk rather than indexing: their backward is one
+    stack/cat, not one scatter per client)."""
+    def forward(self, x):
+        clients = self.weight.shape[0]
+        main = torch.cuda.current_stream(x.device) if streams else None
+        outputs = []
+        for k, (x_k, w_k) in enumerate(zip(x.chunk(clients, dim=1), self.weight.unbind(0))):
+            if streams:
+                streams[k].wait_stream(main)
+            with torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext():
+                out = F.conv2d(x_k, w_k, None, self.stride, self.padding, self.dilation, self.groups)
+            if streams:
+                out.record_stream(main)
+            outputs.append(out)
+        for stream in streams or ():
+            main.wait_stream(stream)
+        return torch.cat(outputs, dim=1)
+    return forward
+
+
+def time_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool,
+              repeats: int) -> float:
+    """Seconds per forward+backward step of the stacked model (mean over ``repeats``)."""
+    torch.manual_seed(0)
+    model = ResNet8(10, 1, width).to(device)
+    skeleton = stacked_skeleton(model)
+    params = {n: p.detach().unsqueeze(0).repeat(clients, *[1] * p.dim()).requires_grad_(True)
+              for n, p in model.named_parameters()}
+    buffers = {n: b.unsqueeze(0).repeat(clients, *[1] * b.dim()) for n, b in model.named_buffers()}
+    x = torch.randn(batch, clients, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch * clients,), device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = list(params.values())
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _, logits = functional_call(skeleton, (params, buffers), (x,))
+        loss = F.cross_entropy(logits.float().view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
+        return torch.autograd.grad(loss, weights)
+
+    cuda = device.type == "cuda"
+    patch = contextlib.nullcontext()
+    if strategy.startswith("per_client"):
+        streams = [torch.cuda.Stream(device) for _ in range(clients)] if strategy.endswith("streams") else None
+        patch = _patched(_StackedConv2d, "forward", _per_client(streams))
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = strategy == "grouped+benchmark"
+    try:
+        with patch:
+            if not cuda:
+                step()
+                tic = time.perf_counter()
+                for _ in range(repeats):
+                    step()
+                return (time.perf_counter() - tic) / repeats
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up (and cuDNN's benchmarking) before capture
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                graph.replay()
+            stop.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(stop) / 1e3 / repeats
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+@contextlib.contextmanager
+def _patched(owner, name, value):
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    strategies = ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams"] if cuda else [])
+    print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
+          f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
+          f"{' (CUDA graph replays)' if cuda else ''}")
+    results = {}
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            layout = f"{precision} {'channels-last' if channels_last else 'contiguous'}"
+            for strategy in strategies:
+                key = f"{layout} {strategy}"
+                try:
+                    results[key] = time_step(device, args.clients, args.batch, args.width, strategy, precision,
+                                             channels_last, args.repeats)
+                except RuntimeError as error:
+                    print(f"{key:<44} failed: {str(error).splitlines()[0]}", flush=True)
+                    continue
+                ratio = results[f"{layout} grouped"] / results[key] if f"{layout} grouped" in results else float("nan")
+                print(f"{key:<44}{results[key] * 1e3:>9.3f} ms {ratio:>6.2f}x grouped", flush=True)
+    fastest = min(results, key=results.get)
+    summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
+               "batch": args.batch, "width": args.width, "seconds_per_step": results, "fastest": fastest}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
