@@ -18,8 +18,8 @@ It prints images/s, the speed-ups against (a) and (d), and the FLOP/s of local t
 fraction of the machine's fp32 matmul FLOP/s measured in the same run (the better of BLAS and
 oneDNN/cuDNN); ``fraction_of_matmul_peak`` is that of the loop the profile's FedAvg runs use. The
 last stdout line is one JSON object. Usage: ``python benchmarks/round_speed.py [--profile offline] [--local-epochs N] [--set k=v ...]``;
-``--variants`` times (c) alone under every execution switch (``fl.cuda_graphs`` and ``fl.client_streams`` on
-CUDA, ``fl.channels_last``, ``fl.precision``), ``--kernels`` profiles one round of (c).
+``--variants`` times (c) alone under every execution switch (``fl.cuda_graphs``, ``fl.channels_last``,
+``fl.precision``), ``--kernels`` profiles one round of (c).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import os
 import platform
@@ -195,20 +194,20 @@ def time_variants(engine: Engine, clients: list[int], generators, device: torch.
     overrides. bf16 changes the arithmetic (and the fingerprint); the others do not."""
     engine.vectorized, base = True, engine.cfg
     seconds = {}
-    # on CUDA: eager, graphed, and graphed with client streams (eager streams are bound by the host)
-    executions = [("off", "off")] + ([("on", "off"), ("on", "on")] if device.type == "cuda" else [])
-    for (graphs, streams), layout, precision in itertools.product(executions, ("off", "on"), ("fp32", "bf16")):
-        switches = {"cuda_graphs": graphs, "client_streams": streams, "channels_last": layout, "precision": precision}
-        engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
-        engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
-        key = " ".join(f"fl.{k}={v}" for k, v in switches.items())
-        try:
-            engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
-            seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
-        except RuntimeError as error:  # reported, and the other combinations still timed
-            print(f"(c) {key:<82} failed: {error}", flush=True)
-            continue
-        print(f"(c) {key:<82}{seconds[key]:>8.2f} s{images / seconds[key]:>10.0f} images/s", flush=True)
+    for graphs in ("off", "on") if device.type == "cuda" else ("off",):
+        for layout in ("off", "on"):
+            for precision in ("fp32", "bf16"):
+                switches = {"cuda_graphs": graphs, "channels_last": layout, "precision": precision}
+                engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
+                engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
+                key = " ".join(f"fl.{k}={v}" for k, v in switches.items())
+                try:
+                    engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
+                    seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
+                except RuntimeError as error:  # reported, and the other combinations still timed
+                    print(f"(c) {key:<56} failed: {error}", flush=True)
+                    continue
+                print(f"(c) {key:<56}{seconds[key]:>8.2f} s{images / seconds[key]:>10.0f} images/s", flush=True)
     engine.cfg = base
     fastest = min(seconds, key=seconds.get)
     result = {"device": device_description(device), "images": images, "vectorized_seconds": seconds,
@@ -250,8 +249,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-clip2fl", dest="clip2fl", action="store_false",
                         help="skip (d), which needs the CLIP-role encoder's weights")
     parser.add_argument("--variants", action="store_true",
-                        help="time only (c), under every execution switch (fl.cuda_graphs and fl.client_streams on "
-                             "CUDA, fl.channels_last, fl.precision), and name the fastest")
+                        help="time only (c), under every execution switch (fl.cuda_graphs on CUDA, fl.channels_last, "
+                             "fl.precision), and name the fastest")
     parser.add_argument("--kernels", action="store_true",
                         help="profile one round of (c), eager, and print the operations taking the most device time")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")

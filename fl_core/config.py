@@ -44,7 +44,7 @@ CLIENT_TRAINING = ("auto", "sequential", "vectorized")
 SWITCHES = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
 # settings that change how a run executes, not its results (left out of the fingerprint)
-EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last", "fl.client_streams")
+EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last")
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
 FINGERPRINT_SINCE = {"fl.precision": "fp32"}
@@ -99,9 +99,6 @@ class FLConfig:
     # lay out their batches channels-last (auto: on CPU, where oneDNN's grouped convolutions gain)
     cuda_graphs: str = "auto"
     channels_last: str = "auto"
-    # ... and run each client's forward/backward as its own model on its own CUDA stream, instead of
-    # one stacked model of grouped convolutions (auto: off)
-    client_streams: str = "auto"
     # local training's arithmetic: fp32, or bf16 autocast of the forward pass (changes results)
     precision: str = "fp32"
 
@@ -329,7 +326,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
     _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
     _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)
-    _choice("fl.client_streams", cfg.fl.client_streams, SWITCHES)
     _choice("fl.precision", cfg.fl.precision, PRECISIONS)
     if cfg.fl.cuda_graphs == "on" and cfg.device == "cpu":
         raise ValueError("fl.cuda_graphs=on needs a CUDA device, but device=cpu; use fl.cuda_graphs=auto or off")

@@ -29,12 +29,8 @@ TEST_DEVICE = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")  # =cuda: on a GPU (b
 NEEDS_CUDA = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")
 EXECUTIONS = [pytest.param({"channels_last": False}, id="contiguous"),
               pytest.param({"channels_last": True}, id="channels_last"),
-              pytest.param({"client_streams": True}, id="client_streams"),
-              pytest.param({"client_streams": True, "channels_last": True}, id="client_streams_channels_last"),
               pytest.param({"cuda_graphs": True}, id="graphs", marks=NEEDS_CUDA),
-              pytest.param({"cuda_graphs": True, "channels_last": True}, id="graphs_channels_last", marks=NEEDS_CUDA),
-              pytest.param({"cuda_graphs": True, "channels_last": True, "client_streams": True},
-                           id="graphs_channels_last_client_streams", marks=NEEDS_CUDA)]
+              pytest.param({"cuda_graphs": True, "channels_last": True}, id="graphs_channels_last", marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
@@ -127,8 +123,7 @@ def test_unknown_client_training_mode_is_rejected(tiny_config):
 
 def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_config):
     base = tiny_config()
-    for key, value in (("fl__cuda_graphs", "off"), ("fl__channels_last", "on"), ("fl__client_streams", "on"),
-                       ("fl__precision", "fp32")):
+    for key, value in (("fl__cuda_graphs", "off"), ("fl__channels_last", "on"), ("fl__precision", "fp32")):
         assert tiny_config(**{key: value}).fingerprint() == base.fingerprint(), key
     assert tiny_config(fl__precision="bf16").fingerprint() != base.fingerprint()  # changes the arithmetic
     with pytest.raises(ValueError, match="fl.precision='fp16' is not valid; choose one of: bf16, fp32"):

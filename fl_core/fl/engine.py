@@ -52,9 +52,8 @@ def resolve_client_training(mode: str, device: torch.device) -> bool:
 
 
 def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool]:
-    """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA),
-    ``fl.channels_last`` (auto: on CPU) and ``fl.client_streams`` (auto: off); keyword arguments of
-    ``train_clients_vectorized``."""
+    """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA) and
+    ``fl.channels_last`` (auto: on CPU); keyword arguments of ``train_clients_vectorized``."""
     if fl.cuda_graphs == "on" and device.type != "cuda":
         raise ValueError(f"fl.cuda_graphs=on needs a CUDA device, but the run's device is {device.type}; "
                          "use fl.cuda_graphs=auto or off")
@@ -63,8 +62,7 @@ def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool]:
         return mode == "on" or (mode == "auto" and auto)
 
     return {"cuda_graphs": switch(fl.cuda_graphs, device.type == "cuda"),
-            "channels_last": switch(fl.channels_last, device.type == "cpu"),
-            "client_streams": switch(fl.client_streams, False)}
+            "channels_last": switch(fl.channels_last, device.type == "cpu")}
 
 
 class Engine:

@@ -11,16 +11,11 @@ This pays where a step is bound by kernel launches (small models on a GPU) and, 
 models (see ``benchmarks/round_speed.py``). On CUDA a step still launches hundreds of kernels from
 Python; with ``cuda_graphs`` each recurring step (same members, same batch size: most steps of a
 round) is captured once as a CUDA graph and replayed, gathering and augmenting its batch inside.
-
-With ``client_streams`` the clients' forward and backward passes are not one stacked model but each
-client's own (dense convolutions), on a CUDA stream of its own so that they run side by side; the
-weights, their update and everything else stay stacked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import itertools
@@ -48,7 +43,6 @@ def train_clients_vectorized(
     *,
     cuda_graphs: bool = False,
     channels_last: bool | None = None,
-    client_streams: bool = False,
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
@@ -58,9 +52,7 @@ def train_clients_vectorized(
     clients' datasets concatenated in the order given; it returns each member's term ``(members,)``.
 
     ``cuda_graphs`` replays recurring steps from CUDA graphs (CUDA only); ``channels_last`` lays
-    out the stacked batches channels-last (default: on CPU only); ``client_streams`` runs each
-    client's model on its own CUDA stream instead of one stacked model (see the module docstring).
-    None of them changes the arithmetic.
+    out the stacked batches channels-last (default: on CPU only). Neither changes the arithmetic.
 
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
@@ -70,7 +62,7 @@ def train_clients_vectorized(
     if channels_last is None:
         channels_last = device.type == "cpu"  # oneDNN runs these grouped convolutions ~1.3x faster
     num = len(clients)
-    forward = _ClientStreams(model, device) if client_streams else _Stacked(model)
+    skeleton = stacked_skeleton(model)
     stack = {name: t.detach().unsqueeze(0).repeat(num, *[1] * t.dim()) for name, t in model.state_dict().items()}
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: stack[n] for n in param_names}
@@ -81,7 +73,9 @@ def train_clients_vectorized(
     def batched_loss(p, b, x, y, idx):
         """Each member's mean cross-entropy (what is reported) and its training objective (plus the
         extra term); ``x`` in the stacked layout, ``y`` and ``idx`` (members, batch)."""
-        logits = forward(p, b, x, len(y), sgd)
+        with sgd.autocast(x.device):
+            _, logits = functional_call(skeleton, (p, b), (x,))
+        logits = per_client(full_precision(logits), len(y))
         losses = F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
         return losses, losses if extra_loss is None else losses + extra_loss(logits, idx)
 
@@ -100,8 +94,7 @@ def train_clients_vectorized(
 
     def bucket_step(members: tuple[int, ...], rows: torch.Tensor | None, indices: torch.Tensor, draws: torch.Tensor | None):
         """One step of the bucket ``members``: their batches gathered and augmented, trained, losses summed."""
-        x, y, idx = _stacked_batch(indices, draws, len(members), images, labels, pipeline, channels_last,
-                                   client_streams)
+        x, y, idx = _stacked_batch(indices, draws, len(members), images, labels, pipeline, channels_last)
         losses = _step(rows, x, y, idx, params, buffers, anchor, velocity, batched_loss, sgd)
         if rows is None:
             loss_sum.add_(losses)
@@ -144,71 +137,17 @@ def _member_batches(members) -> tuple[torch.Tensor, torch.Tensor | None]:
     return indices, draws
 
 
-def _stacked_batch(indices, draws, members: int, images, labels, pipeline: ImagePipeline, channels_last: bool,
-                   client_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stacked_batch(indices, draws, members: int, images, labels, pipeline: ImagePipeline,
+                   channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bucket's batches (``_member_batches``) gathered and augmented in one go: images in the
-    stacked model's layout (``client_major``: member k's batch is the k-th block of images instead),
-    labels and indices ``(members, batch)``."""
+    stacked model's layout, labels and indices ``(members, batch)``."""
     x = pipeline.augment(pipeline.normalize(images[indices]), draws)
     size = len(indices) // members
-    if client_major:
-        x = x.view(size, members, *x.shape[1:]).transpose(0, 1).flatten(0, 1)
-    else:
-        x = x.view(size, members * x.shape[1], *x.shape[2:])
+    x = x.view(size, members * x.shape[1], *x.shape[2:])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     idx = indices.view(size, members).T
     return x, labels[idx], idx
-
-
-class _Stacked:
-    """The members' forward pass as one stacked model (``fl_core.fl.stacked``): their logits
-    ``(members, batch, classes)`` in full precision."""
-
-    def __init__(self, model: nn.Module):
-        self.skeleton = stacked_skeleton(model)
-
-    def __call__(self, p, b, x, members: int, sgd: SGDSettings) -> torch.Tensor:
-        with sgd.autocast(x.device):
-            _, logits = functional_call(self.skeleton, (p, b), (x,))
-        return per_client(full_precision(logits), members)
-
-
-class _ClientStreams:
-    """The members' forward passes as their own models, member k's on its block of a client-major
-    batch and (CUDA) on the k-th side stream, so that the members' kernels and, as autograd runs a
-    backward operation on its forward's stream, their backward kernels run side by side; on a CPU
-    one after another. Their logits ``(members, batch, classes)`` in full precision.
-
-    A member's weights are views of the stacked ones (``unbind``: their gradients come back as one
-    ``stack``), its BatchNorm statistics views that the forward pass updates in place."""
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.skeleton = copy.deepcopy(model).to("meta").train()
-        self.cuda = device.type == "cuda"
-        self.streams: list = []
-        self.device = device
-
-    def __call__(self, p, b, x, members: int, sgd: SGDSettings) -> torch.Tensor:
-        main = torch.cuda.current_stream(self.device) if self.cuda else None
-        while self.cuda and len(self.streams) < members:
-            self.streams.append(torch.cuda.Stream(self.device))
-        weights = {n: t.unbind(0) for n, t in p.items()}
-        logits = []
-        for k, x_k in enumerate(x.chunk(members)):
-            stream = self.streams[k] if self.cuda else None
-            if stream is not None:
-                stream.wait_stream(main)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), sgd.autocast(x.device):
-                _, out = functional_call(self.skeleton, ({n: w[k] for n, w in weights.items()},
-                                                         {n: t[k] for n, t in b.items()}), (x_k,))
-                out = full_precision(out)
-            if stream is not None:
-                out.record_stream(main)  # made on the side stream, read on the main one
-            logits.append(out)
-        for stream in self.streams[:members] if self.cuda else ():
-            main.wait_stream(stream)
-        return torch.stack(logits)
 
 
 class _StepGraphs:
