@@ -261,6 +261,7 @@ def plot_round_curves(records: list[dict], metric: str = "top1", ax=None):
             for r in records for e in r["rounds"] if e.get(metric) is not None]
     ax = ax or plt.subplots(figsize=(8, 3.8))[1]
     sns.lineplot(data=pd.DataFrame(rows), x="round", y=f"{metric} %", hue="variant", marker="o", markersize=3, ax=ax)
+    _legend_outside(ax)
     ax.set(title=f"Test {metric} of the global model after each round", ylim=(-2, 102))
     return ax
 
@@ -274,6 +275,7 @@ def plot_per_class_compare(records: list[dict], ax=None):
              "accuracy %": 100 * r["final"]["per_class"][c]} for r in records for c in order]
     ax = ax or plt.subplots(figsize=(max(9, 0.9 * len(order)), 3.8))[1]
     sns.barplot(data=pd.DataFrame(rows), x="class", y="accuracy %", hue="variant", errorbar=None, ax=ax)
+    _legend_outside(ax)
     ax.tick_params(axis="x", labelsize=8)
     ax.set(xlabel="class (training images), most frequent first", ylim=(0, 100), title="Per-class test accuracy")
     return ax
@@ -293,7 +295,13 @@ def plot_against(records: list[dict], key: str, xlabel: str, reference: list[dic
         ax.axhline(100 * np.mean([r["final"]["top1"] for r in reference]), color="gray", ls="--", label=f"{name} top1")
     ax.set(xlabel=xlabel, ylim=(-2, 102))
     ax.legend()
+    _legend_outside(ax)
     return ax
+
+
+def _legend_outside(ax) -> None:
+    """The legend to the right of the axes, where it cannot hide curves or bars."""
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 
 
 def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
