@@ -7,6 +7,8 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
   its algorithms and keeps the fastest, a choice that can differ between runs),
 - ``per_client``: one dense convolution per client on its channel block, outputs concatenated,
 - ``per_client+streams``: the same, each client's on its own CUDA stream (CUDA only),
+- ``grouped+compile``: grouped, with the forward pass and loss under ``torch.compile`` (inductor
+  fuses BatchNorm, ReLU and the residual additions, forward and backward; compile time printed apart),
 
 in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
@@ -70,11 +72,15 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
         x = x.contiguous(memory_format=torch.channels_last)
     weights = list(params.values())
 
-    def step():
+    def loss_of():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             _, logits = functional_call(skeleton, (params, buffers), (x,))
-        loss = F.cross_entropy(logits.float().view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
-        return torch.autograd.grad(loss, weights)
+        return F.cross_entropy(logits.float().view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
+
+    loss = torch.compile(loss_of, dynamic=False) if strategy.endswith("compile") else loss_of
+
+    def step():
+        return torch.autograd.grad(loss(), weights)
 
     cuda = device.type == "cuda"
     patch = contextlib.nullcontext()
@@ -85,6 +91,11 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     torch.backends.cudnn.benchmark = strategy == "grouped+benchmark"
     try:
         with patch:
+            if strategy.endswith("compile"):  # compiled on the first call, timed apart
+                tic = time.perf_counter()
+                step()
+                print(f"  (torch.compile of {precision}{' channels-last' if channels_last else ''}: "
+                      f"{time.perf_counter() - tic:.1f} s)", flush=True)
             if not cuda:
                 step()
                 tic = time.perf_counter()
@@ -130,16 +141,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--strategies", nargs="*", default=None, metavar="NAME",
+                        help="default: grouped, per_client, and on CUDA grouped+benchmark and per_client+streams; "
+                             "grouped+compile only when named")
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    strategies = ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams"] if cuda else [])
+    strategies = args.strategies or ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams"] if cuda else [])
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{' (CUDA graph replays)' if cuda else ''}")
     results = {}
-    for precision in ("fp32", "bf16"):
-        for channels_last in (False, True):
+    for precision in args.precisions:
+        for channels_last in [layout == "channels-last" for layout in args.layouts]:
             layout = f"{precision} {'channels-last' if channels_last else 'contiguous'}"
             for strategy in strategies:
                 key = f"{layout} {strategy}"
