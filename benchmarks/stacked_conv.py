@@ -12,8 +12,9 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
 
 in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
-Prints milliseconds per step and the ratio against ``grouped`` in the same layout and precision;
-the last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest
+Prints milliseconds per step, the ratio against ``grouped`` in the same layout and precision, and
+how far the step's weight gradients are from grouped's (largest difference over the largest
+gradient magnitude, per tensor); the last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest
 in every layout and precision; on 2 CPU cores it ties per-client in channels-last (what the engine
 uses there) and loses to it only in contiguous fp32. So the engine keeps grouped convolutions.
 
@@ -58,8 +59,9 @@ def _per_client(streams=None):
 
 
 def time_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool,
-              repeats: int) -> float:
-    """Seconds per forward+backward step of the stacked model (mean over ``repeats``)."""
+              repeats: int) -> tuple[float, list[torch.Tensor]]:
+    """Seconds per forward+backward step of the stacked model (mean over ``repeats``), and the
+    step's weight gradients (the same every step: the weights are not updated)."""
     torch.manual_seed(0)
     model = ResNet8(10, 1, width).to(device)
     skeleton = stacked_skeleton(model)
@@ -91,17 +93,16 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     torch.backends.cudnn.benchmark = strategy == "grouped+benchmark"
     try:
         with patch:
-            if strategy.endswith("compile"):  # compiled on the first call, timed apart
-                tic = time.perf_counter()
-                step()
+            tic = time.perf_counter()
+            grads = step()  # warm-up; compiles with torch.compile, timed apart
+            if strategy.endswith("compile"):
                 print(f"  (torch.compile of {precision}{' channels-last' if channels_last else ''}: "
                       f"{time.perf_counter() - tic:.1f} s)", flush=True)
             if not cuda:
-                step()
                 tic = time.perf_counter()
                 for _ in range(repeats):
                     step()
-                return (time.perf_counter() - tic) / repeats
+                return (time.perf_counter() - tic) / repeats, grads
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -119,7 +120,7 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
                 graph.replay()
             stop.record()
             torch.cuda.synchronize(device)
-            return start.elapsed_time(stop) / 1e3 / repeats
+            return start.elapsed_time(stop) / 1e3 / repeats, grads
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
@@ -153,23 +154,28 @@ def main(argv=None) -> dict:
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{' (CUDA graph replays)' if cuda else ''}")
-    results = {}
+    results, differences, reference = {}, {}, {}
     for precision in args.precisions:
         for channels_last in [layout == "channels-last" for layout in args.layouts]:
             layout = f"{precision} {'channels-last' if channels_last else 'contiguous'}"
             for strategy in strategies:
                 key = f"{layout} {strategy}"
                 try:
-                    results[key] = time_step(device, args.clients, args.batch, args.width, strategy, precision,
-                                             channels_last, args.repeats)
+                    results[key], grads = time_step(device, args.clients, args.batch, args.width, strategy, precision,
+                                                    channels_last, args.repeats)
                 except RuntimeError as error:
                     print(f"{key:<44} failed: {str(error).splitlines()[0]}", flush=True)
                     continue
+                reference.setdefault(layout, grads)  # the first strategy's (grouped, unless told otherwise)
+                differences[key] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
+                                       for g, r in zip(grads, reference[layout]))
                 ratio = results[f"{layout} grouped"] / results[key] if f"{layout} grouped" in results else float("nan")
-                print(f"{key:<44}{results[key] * 1e3:>9.3f} ms {ratio:>6.2f}x grouped", flush=True)
+                print(f"{key:<44}{results[key] * 1e3:>9.3f} ms {ratio:>6.2f}x grouped   gradients "
+                      f"{differences[key]:.1e} from the first", flush=True)
     fastest = min(results, key=results.get)
     summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
-               "batch": args.batch, "width": args.width, "seconds_per_step": results, "fastest": fastest}
+               "batch": args.batch, "width": args.width, "seconds_per_step": results, "fastest": fastest,
+               "gradient_difference": differences}
     print(json.dumps(summary))
     return summary
 

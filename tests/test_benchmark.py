@@ -20,3 +20,18 @@ def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
     assert result["images"] > 0 and set(result["seconds"]) == {"reference", "sequential", "vectorized", "clip2fl_reference", "clip2fl_ours"}
     assert result["profile_client_training"] == "sequential"  # smoke: auto, and no CUDA in the test environment
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+
+
+def test_stacked_conv_benchmark_times_each_strategy_and_checks_its_gradients(capsys):
+    path = Path(__file__).parents[1] / "benchmarks" / "stacked_conv.py"
+    spec = importlib.util.spec_from_file_location("stacked_conv", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--device", "cpu", "--clients", "3", "--batch", "4", "--width", "0.125", "--repeats", "1",
+                         "--precisions", "fp32", "--strategies", "grouped", "per_client"])
+    keys = {f"fp32 {layout} {strategy}" for layout in ("contiguous", "channels-last") for strategy in ("grouped", "per_client")}
+    assert set(result["seconds_per_step"]) == keys and all(t > 0 for t in result["seconds_per_step"].values())
+    # one dense convolution per client computes what the grouped one does (float32 rounding apart)
+    assert all(result["gradient_difference"][k] < 1e-4 for k in keys)
+    assert result["gradient_difference"]["fp32 contiguous grouped"] == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
