@@ -22,8 +22,8 @@ mkdir -p "$OUT"
 left() { echo $((BUDGET - SECONDS)); }
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
 fi
+export PYTHONPATH=/tmp/site:$PWD  # the wheels, and fl_core for the scripts under benchmarks/ (no install there)
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONHASHSEED=0 FL_CORE_RUNS=$OUT/runs FL_CORE_CACHE=/tmp/fl_core_cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
 
