@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     patch = contextlib.nullcontext()
     if strategy.startswith("per_client"):
         streams = [torch.cuda.Stream(device) for _ in range(clients)] if strategy.endswith("streams") else None
-        patch = _patched(_StackedConv2d, "forward", _per_client(streams))
+        patch = mock.patch.object(_StackedConv2d, "forward", _per_client(streams))
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = strategy == "grouped+benchmark"
     try:
@@ -124,15 +125,6 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
-
-@contextlib.contextmanager
-def _patched(owner, name, value):
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
 
 
 def main(argv=None) -> dict:

@@ -6,12 +6,17 @@ import pytest
 from conftest import TINY
 
 
-@pytest.mark.slow
-def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
-    path = Path(__file__).parents[1] / "benchmarks" / "round_speed.py"
-    spec = importlib.util.spec_from_file_location("round_speed", path)
+def load_benchmark(name: str):
+    """A script under benchmarks/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
+    bench = load_benchmark("round_speed")
     tiny = {**TINY, "method.creff_retrain_epochs": 2}
     result = bench.main(["--profile", "smoke", "--repeats", "1", "--set", *(f"{k}={v}" for k, v in tiny.items())])
     for key in ("ratio_sequential_vs_reference", "ratio_vectorized_vs_reference", "ratio_clip2fl_vs_reference",
@@ -23,11 +28,7 @@ def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
 
 
 def test_stacked_conv_benchmark_times_each_strategy_and_checks_its_gradients(capsys):
-    path = Path(__file__).parents[1] / "benchmarks" / "stacked_conv.py"
-    spec = importlib.util.spec_from_file_location("stacked_conv", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--device", "cpu", "--clients", "3", "--batch", "4", "--width", "0.125", "--repeats", "1",
+    result = load_benchmark("stacked_conv").main(["--device", "cpu", "--clients", "3", "--batch", "4", "--width", "0.125", "--repeats", "1",
                          "--precisions", "fp32", "--strategies", "grouped", "per_client"])
     keys = {f"fp32 {layout} {strategy}" for layout in ("contiguous", "channels-last") for strategy in ("grouped", "per_client")}
     assert set(result["seconds_per_step"]) == keys and all(t > 0 for t in result["seconds_per_step"].values())
