@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 
+from fl_core.allocator import keep_freed_memory
 from fl_core.config import make_config, parse_set_args
 from fl_core.data.federated import build_federated_data
 from fl_core.fl import Engine, client_generator, client_schedule, resolve_device
@@ -260,10 +261,12 @@ def main(argv=None) -> dict:
         overrides["fl.local_epochs"] = args.local_epochs
     cfg = make_config(args.profile, overrides)
     device = resolve_device(cfg.device)
+    malloc = keep_freed_memory()  # as the engine does, before anything is timed: every loop runs under it
     torch.manual_seed(0)
     matmul = matmul_flops_per_second(device)
     peak = max(matmul.values())
-    print(f"machine: {device_description(device)}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
+    print(f"machine: {device_description(device)}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"malloc {malloc}; "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (BLAS {matmul['blas'] / 1e9:.1f}, as 1x1 convolution "
           f"{matmul['conv1x1'] / 1e9:.1f})")
 
@@ -306,6 +309,7 @@ def main(argv=None) -> dict:
         "local_epochs": f.local_epochs,
         "images": images,
         "repeats": n,
+        "malloc": malloc,
         "matmul_gflops": peak / 1e9,
         "matmul_gflops_by_way": {k: v / 1e9 for k, v in matmul.items()},
         "seconds": seconds,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fl_core.allocator import keep_freed_memory
 from fl_core.fl.stacked import _StackedConv2d, stacked_skeleton
 from fl_core.models import ResNet8
 
@@ -137,15 +138,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--strategies", nargs="*", default=None, metavar="NAME",
                         help="default: grouped, per_client, and on CUDA grouped+benchmark and per_client+streams; "
                              "grouped+compile only when named")
-    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
-    parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"])
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"],
+                        choices=["contiguous", "channels-last"])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    malloc = keep_freed_memory()  # as the engine does
     cuda = device.type == "cuda"
     strategies = args.strategies or ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams"] if cuda else [])
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
-          f"{' (CUDA graph replays)' if cuda else ''}")
+          f"{' (CUDA graph replays)' if cuda else ''}, malloc {malloc}")
     results, differences, reference = {}, {}, {}
     for precision in args.precisions:
         for channels_last in [layout == "channels-last" for layout in args.layouts]:
@@ -166,7 +169,7 @@ def main(argv=None) -> dict:
                       f"{differences[key]:.1e} from the first", flush=True)
     fastest = min(results, key=results.get)
     summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
-               "batch": args.batch, "width": args.width, "seconds_per_step": results, "fastest": fastest,
+               "batch": args.batch, "width": args.width, "malloc": malloc, "seconds_per_step": results, "fastest": fastest,
                "gradient_difference": differences}
     print(json.dumps(summary))
     return summary

@@ -36,3 +36,11 @@ def test_stacked_conv_benchmark_times_each_strategy_and_checks_its_gradients(cap
     assert all(result["gradient_difference"][k] < 1e-4 for k in keys)
     assert result["gradient_difference"]["fp32 contiguous grouped"] == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+
+
+def test_allocator_benchmark_times_both_settings_in_child_processes(capsys):
+    result = load_benchmark("allocator").main(["--widths", "0.125", "--clients", "2", "--repeats", "1"])
+    timing = result["seconds_per_step"]["width 0.125, 2 clients"]
+    assert timing["default"] > 0 and timing["keep"] > 0
+    assert result["ratio_keep_vs_default"]["width 0.125, 2 clients"] == timing["default"] / timing["keep"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")

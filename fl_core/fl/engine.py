@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from fl_core.allocator import allocator_setting, keep_freed_memory
 from fl_core.config import ExperimentConfig, config_from_dict
 from fl_core.data.federated import FederatedData
 from fl_core.fl.sampling import client_generator, client_schedule
@@ -69,6 +70,7 @@ class Engine:
     def __init__(self, cfg: ExperimentConfig, method: "Method", data: FederatedData, run_dir: Path | str,
                  device: torch.device, progress: bool = True):
         self.cfg, self.method, self.data = cfg, method, data
+        keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.device = device
         self.progress = progress
@@ -198,7 +200,8 @@ class Engine:
                      "client_flops_per_round": (sum(flops) / len(flops)) if flops else None,
                      "train_flops_per_image": self.train_flops_per_image},
             "timing": {"started_at": self._started_at, "finished_at": _now() if final else None,
-                       "train_seconds": self._elapsed, "resumed_after_rounds": self._resumed},
+                       "train_seconds": self._elapsed, "resumed_after_rounds": self._resumed,
+                       "malloc": allocator_setting()},
         }
 
 
