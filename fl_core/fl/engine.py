@@ -48,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_client_training(mode: str, device: torch.device) -> bool:
     """Whether the round's clients are trained together (``fl.client_training``): ``vectorized`` asks
     for it on any device, ``auto`` on CUDA only: on a CPU it pays only for small models (ResNet-8
-    width 0.125: 2.0x; 0.25: 1.2x; 1: 0.9x the sequential engine on 2 cores, see ``make bench``)."""
+    width 0.125: 1.6x; 0.25: 1.2x; 1: 1.0x the sequential engine on 2 cores, see ``make bench``)."""
     return mode == "vectorized" or (mode == "auto" and device.type == "cuda")
 
 
