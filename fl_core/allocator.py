@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from ``malloc``. glibc's ``malloc`` gives a large blo
 kernel when it is freed (``munmap`` for blocks it mapped, trimming the heap for the others), so a
 training step, which frees its activations and allocates the same sizes again in the next step,
 gets fresh pages every time: the kernel zeroes each 4 KiB page on first touch. For ResNet-8 steps
-on 2 CPU cores that was ~25% of the time (``benchmarks/allocator.py``). ``keep_freed_memory`` turns
+on 2 CPU cores that was 17-32% of the time (``benchmarks/allocator.py``). ``keep_freed_memory`` turns
 both off (``mallopt``: no ``mmap`` for large blocks, trimming only beyond 2 GiB), so freed blocks
 are reused. It changes no arithmetic: only where tensors live.
 
