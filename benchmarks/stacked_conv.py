@@ -14,9 +14,13 @@ in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is ca
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
 Prints milliseconds per step, the ratio against ``grouped`` in the same layout and precision, and
 how far the step's weight gradients are from grouped's (largest difference over the largest
-gradient magnitude, per tensor); the last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest
-in every layout and precision; on 2 CPU cores it ties per-client in channels-last (what the engine
-uses there) and loses to it only in contiguous fp32. So the engine keeps grouped convolutions.
+gradient magnitude, per tensor), next to how far float32 grouped is from the same step in float64:
+the scale to read them on. It is not 1e-7: an activation within rounding of zero can fall on the
+other side of a ReLU, which moves that client's gradients by far more (ResNet-8 at width 0.125 with
+8 clients: 3e-2, with 1 or 2: 4e-6; at width 1: 5e-2). Two float32 strategies can differ so too. The
+last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest in
+every layout and precision; on 2 CPU cores per-client is 0.67-0.71x grouped at width 0.125 and
+1.00-1.04x at width 1. So the engine keeps grouped convolutions.
 
     python benchmarks/stacked_conv.py --device cuda [--clients 8] [--batch 32] [--width 1]
 """
@@ -60,17 +64,24 @@ def _per_client(streams=None):
     return forward
 
 
+def gradient_distance(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Largest difference over the largest reference magnitude, per tensor, the worst tensor."""
+    return max(float((g.double() - r.double()).abs().max() / r.double().abs().max().clamp_min(1e-30))
+               for g, r in zip(grads, reference))
+
+
 def time_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool,
               repeats: int) -> tuple[float, list[torch.Tensor]]:
     """Seconds per forward+backward step of the stacked model (mean over ``repeats``), and the
     step's weight gradients (the same every step: the weights are not updated)."""
     torch.manual_seed(0)
-    model = ResNet8(10, 1, width).to(device)
+    dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: the same values, to measure rounding
+    model = ResNet8(10, 1, width).to(device, dtype)
     skeleton = stacked_skeleton(model)
     params = {n: p.detach().unsqueeze(0).repeat(clients, *[1] * p.dim()).requires_grad_(True)
               for n, p in model.named_parameters()}
     buffers = {n: b.unsqueeze(0).repeat(clients, *[1] * b.dim()) for n, b in model.named_buffers()}
-    x = torch.randn(batch, clients, 28, 28, device=device)
+    x = torch.randn(batch, clients, 28, 28, device=device).to(dtype)
     y = torch.randint(0, 10, (batch * clients,), device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -79,7 +90,7 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     def loss_of():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             _, logits = functional_call(skeleton, (params, buffers), (x,))
-        return F.cross_entropy(logits.float().view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
+        return F.cross_entropy(logits.to(dtype).view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
 
     loss = torch.compile(loss_of, dynamic=False) if strategy.endswith("compile") else loss_of
 
@@ -149,6 +160,11 @@ def main(argv=None) -> dict:
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{' (CUDA graph replays)' if cuda else ''}, malloc {malloc}")
+    # the scale a strategy's gradient difference is read on (see the module docstring)
+    _, exact = time_step(device, args.clients, args.batch, args.width, "grouped", "fp64", False, 1)
+    _, single = time_step(device, args.clients, args.batch, args.width, "grouped", "fp32", False, 1)
+    rounding = gradient_distance(single, exact)
+    print(f"float32 rounding at this size: contiguous grouped fp32 gradients {rounding:.1e} from float64's", flush=True)
     results, differences, reference = {}, {}, {}
     for precision in args.precisions:
         for channels_last in [layout == "channels-last" for layout in args.layouts]:
@@ -162,15 +178,14 @@ def main(argv=None) -> dict:
                     print(f"{key:<44} failed: {str(error).splitlines()[0]}", flush=True)
                     continue
                 reference.setdefault(layout, grads)  # the first strategy's (grouped, unless told otherwise)
-                differences[key] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
-                                       for g, r in zip(grads, reference[layout]))
+                differences[key] = gradient_distance(grads, reference[layout])
                 ratio = results[f"{layout} grouped"] / results[key] if f"{layout} grouped" in results else float("nan")
                 print(f"{key:<44}{results[key] * 1e3:>9.3f} ms {ratio:>6.2f}x grouped   gradients "
                       f"{differences[key]:.1e} from the first", flush=True)
     fastest = min(results, key=results.get)
     summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
                "batch": args.batch, "width": args.width, "malloc": malloc, "seconds_per_step": results, "fastest": fastest,
-               "gradient_difference": differences}
+               "gradient_difference": differences, "float32_rounding": rounding}
     print(json.dumps(summary))
     return summary
 
