@@ -13,14 +13,15 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
 in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
 Prints milliseconds per step, the ratio against ``grouped`` in the same layout and precision, and
-how far the step's weight gradients are from grouped's (largest difference over the largest
-gradient magnitude, per tensor), next to how far float32 grouped is from the same step in float64:
-the scale to read them on. It is not 1e-7: an activation within rounding of zero can fall on the
-other side of a ReLU, which moves that client's gradients by far more (ResNet-8 at width 0.125 with
-8 clients: 3e-2, with 1 or 2: 4e-6; at width 1: 5e-2). Two float32 strategies can differ so too. The
-last stdout line is a JSON object. Measured (README, "Speed"): on an H100 grouped is the fastest in
-every layout and precision; on 2 CPU cores per-client is 0.67-0.71x grouped at width 0.125 and
-1.00-1.04x at width 1. So the engine keeps grouped convolutions.
+how far the step's weight gradients are from grouped's (largest difference over the largest gradient
+magnitude, per tensor) and, when more than one strategy is timed, how far float32 grouped is from
+the same step in float64: the scale to read them on. It is not 1e-7: an activation within rounding
+of zero can fall on the other side of a ReLU, which moves that client's gradients by far more
+(ResNet-8 at width 0.125 with 8 clients: 3e-2, with 1 or 2: 4e-6; at width 1: 5e-2). Two float32
+strategies can differ so too. The last stdout line is a JSON object. Measured (README, "Speed"): on
+an H100 grouped is the fastest in every layout and precision; on 2 CPU cores per-client is
+0.67-0.71x grouped at width 0.125 and 1.00-1.04x at width 1. So the engine keeps grouped
+convolutions.
 
     python benchmarks/stacked_conv.py --device cuda [--clients 8] [--batch 32] [--width 1]
 """
@@ -138,7 +139,6 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
         torch.backends.cudnn.benchmark = benchmark
 
 
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,12 +160,7 @@ def main(argv=None) -> dict:
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{' (CUDA graph replays)' if cuda else ''}, malloc {malloc}")
-    # the scale a strategy's gradient difference is read on (see the module docstring)
-    _, exact = time_step(device, args.clients, args.batch, args.width, "grouped", "fp64", False, 1)
-    _, single = time_step(device, args.clients, args.batch, args.width, "grouped", "fp32", False, 1)
-    rounding = gradient_distance(single, exact)
-    print(f"float32 rounding at this size: contiguous grouped fp32 gradients {rounding:.1e} from float64's", flush=True)
-    results, differences, reference = {}, {}, {}
+    results, differences, reference, gradients = {}, {}, {}, {}
     for precision in args.precisions:
         for channels_last in [layout == "channels-last" for layout in args.layouts]:
             layout = f"{precision} {'channels-last' if channels_last else 'contiguous'}"
@@ -177,11 +172,19 @@ def main(argv=None) -> dict:
                 except RuntimeError as error:
                     print(f"{key:<44} failed: {str(error).splitlines()[0]}", flush=True)
                     continue
+                gradients[key] = grads
                 reference.setdefault(layout, grads)  # the first strategy's (grouped, unless told otherwise)
                 differences[key] = gradient_distance(grads, reference[layout])
                 ratio = results[f"{layout} grouped"] / results[key] if f"{layout} grouped" in results else float("nan")
                 print(f"{key:<44}{results[key] * 1e3:>9.3f} ms {ratio:>6.2f}x grouped   gradients "
                       f"{differences[key]:.1e} from the first", flush=True)
+    rounding = None
+    if len(strategies) > 1:  # the scale their gradient differences are read on (see the module docstring)
+        _, exact = time_step(device, args.clients, args.batch, args.width, "grouped", "fp64", False, 1)
+        single = gradients.get("fp32 contiguous grouped") or time_step(
+            device, args.clients, args.batch, args.width, "grouped", "fp32", False, 1)[1]
+        rounding = gradient_distance(single, exact)
+        print(f"float32 rounding at this size: contiguous grouped fp32 gradients {rounding:.1e} from float64's")
     fastest = min(results, key=results.get)
     summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
                "batch": args.batch, "width": args.width, "malloc": malloc, "seconds_per_step": results, "fastest": fastest,
