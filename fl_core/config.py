@@ -47,7 +47,7 @@ PRECISIONS = ("fp32", "bf16")
 EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last")
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
-FINGERPRINT_SINCE = {"fl.precision": "fp32"}
+FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0}
 MLLM_BACKENDS = ("simulated", "hf")
 CLIP_BACKENDS = ("offline", "open_clip")
 
@@ -166,6 +166,9 @@ class ExperimentConfig:
     profile: str = "offline"
     seed: int = 7
     device: str = "auto"
+    # torch's threads on a CPU: the thread count decides how sums round, so fixing it makes results
+    # independent of the machine's core count (0 = torch's default, one per core); see fl_core.parallel
+    cpu_threads: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fl: FLConfig = field(default_factory=FLConfig)
@@ -222,6 +225,7 @@ PROFILES: dict[str, dict] = {
         "fl.lr": 0.1,
         "fl.eval_batch_size": 128,
         "model.width": 0.25,
+        "cpu_threads": 1,  # the stored notebook outputs nbval compares hold on any number of cores
     },
     # The embedded default of `make book`: real MNIST-LT, everything on a 2-core CPU.
     "offline": {
@@ -243,6 +247,8 @@ PROFILES: dict[str, dict] = {
         "method.stage1_lr": 0.1,
         # Small models leave a CPU idle between ops; training the clients together pays (about 2x, see `make bench`).
         "fl.client_training": "vectorized",
+        # The book's numbers on any number of cores; a grid's runs go one per core (fl_core.parallel)
+        "cpu_threads": 1,
     },
     # channels-last also on a GPU: ResNet-8 at width 1, clients trained together, is 5-7% faster in
     # fp32 on an H100/H200 (README "Speed"); on a CPU it is on anyway
@@ -325,6 +331,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("method.name", cfg.method.name, METHODS)
     _choice("model.arch", m.arch, ARCHS)
     _choice("device", cfg.device, DEVICES)
+    _at_least("cpu_threads", cfg.cpu_threads, 0, "0 means torch's default, one thread per core")
     _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
     _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
     _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)

@@ -12,6 +12,7 @@ from fl_core.config import ExperimentConfig, make_config
 from fl_core.data.federated import build_federated_data
 from fl_core.fl.engine import Engine, check_same_config, resolve_device
 from fl_core.methods import make_method
+from fl_core.parallel import cpu_threads, run_many, worker_count
 from fl_core.results import RECORD_NAME, load_record
 
 
@@ -36,8 +37,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | str | None = None, pro
         if record["status"] == "complete":
             return {**record, "_path": str(record_path)}
     device = resolve_device(cfg.device)
-    data = build_federated_data(cfg, device)
-    record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
+    with cpu_threads(cfg.cpu_threads):
+        data = build_federated_data(cfg, device)
+        record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
     return {**record, "_path": str(record_path)}
 
 
@@ -53,11 +55,12 @@ def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> 
 
     tic = time.perf_counter()
     device = resolve_device(cfg.device)
-    fed = build_federated_data(cfg, device)
-    ds = fed.dataset
-    server = build_server_context(cfg, fed, device, progress)
+    with cpu_threads(cfg.cpu_threads):
+        fed = build_federated_data(cfg, device)
+        ds = fed.dataset
+        server = build_server_context(cfg, fed, device, progress)
+        logits = server.encoder.zero_shot_logits(ds.test.images, ds.class_names)
     pool, annotation, encoder, fit, cache = server.pool, server.annotation, server.encoder, server.encoder_fit, server.cache
-    logits = encoder.zero_shot_logits(ds.test.images, ds.class_names)
     zero_shot = float((logits.argmax(1) == ds.test.labels.cpu()).float().mean())
     return {
         "annotation_accuracy": annotation.accuracy,
@@ -83,10 +86,30 @@ def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> 
 def run_grid(profile: str, variants: dict[str, dict], seeds: list[int], base: dict | None = None,
              progress: bool = True) -> list[dict]:
     """Run each named variant (a dict of overrides) for each seed; finished runs are reused.
-    Each returned record carries its variant name under ``"_variant"``."""
-    records = []
-    for name, overrides in variants.items():
-        for seed in seeds:
-            cfg = make_config(profile, {**(base or {}), **overrides, "seed": seed})
-            records.append({**run_experiment(cfg, progress=progress), "_variant": name})
-    return records
+    Each returned record carries its variant name under ``"_variant"``.
+
+    On a CPU with ``cpu_threads`` set, the runs go to worker processes, as many at once as the
+    cores hold (``fl_core.parallel.worker_count``); the records are the same as one at a time.
+    The workers import the main script: a script calling this needs ``if __name__ == "__main__":``."""
+    named = [(name, make_config(profile, {**(base or {}), **overrides, "seed": seed}))
+             for name, overrides in variants.items() for seed in seeds]
+    jobs = {str(default_run_dir(cfg)): cfg for _, cfg in named}  # a setting that recurs runs once
+    threads = [cfg.cpu_threads for cfg in jobs.values()]
+    on_cpu = all(resolve_device(cfg.device).type == "cpu" for cfg in jobs.values())
+    workers = worker_count(0 if 0 in threads else max(threads), on_cpu)
+    finished = {run_dir: run_experiment(cfg, run_dir) for run_dir, cfg in jobs.items() if _is_complete(run_dir)}
+    todo = [run_dir for run_dir in jobs if run_dir not in finished]
+    # one run at a time shows its own progress; runs at once would interleave their bars
+    items = [(run_dir, jobs[run_dir], progress and (workers == 1 or len(todo) == 1)) for run_dir in todo]
+    done = {**finished, **dict(zip(todo, run_many(_run_grid_job, items, workers, progress=progress)))}
+    return [{**done[str(default_run_dir(cfg))], "_variant": name} for name, cfg in named]
+
+
+def _is_complete(run_dir: Path | str) -> bool:
+    path = Path(run_dir) / RECORD_NAME
+    return path.is_file() and load_record(path).get("status") == "complete"
+
+
+def _run_grid_job(job: tuple[str, ExperimentConfig, bool]) -> dict:
+    run_dir, cfg, progress = job
+    return run_experiment(cfg, run_dir, progress=progress)

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,6 +42,26 @@ def write_json(path: Path | str, obj) -> None:
 
 def save_torch(path: Path | str, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def computed_once(path: Path | str):
+    """Hold a lock beside ``path`` for the block, in which the caller reads ``path`` if it exists
+    and else computes and writes it: runs at once in other processes then wait for the first
+    one's result instead of computing it again. (No lock where ``fcntl`` is missing.)"""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: at worst the same result is computed twice
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def load_record(path: Path | str) -> dict:

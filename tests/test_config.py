@@ -46,6 +46,7 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"fl.clients_per_round": 11}, r"fl\.clients_per_round=11 is invalid: only data\.num_clients=10"),
         ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
+        ({"cpu_threads": -1}, r"cpu_threads=-1 is invalid: it must be >= 0 \(0 means torch's default"),
     ],
 )
 def test_bad_settings_name_the_field_the_value_and_what_is_valid(overrides, pattern):
@@ -68,3 +69,7 @@ def test_fingerprint_tracks_settings_not_profile_name():
     assert a.fingerprint() == make_config("smoke").fingerprint()
     assert a.fingerprint() != make_config("smoke", {"seed": 8}).fingerprint()
     assert apply_overrides(a, {"profile": "offline"}).fingerprint() == a.fingerprint()
+    # the thread count changes how sums round: a result setting
+    assert a.fingerprint() != make_config("smoke", {"cpu_threads": 2}).fingerprint()
+    # settings added later (cpu_threads, fl.precision) leave earlier fingerprints as they were at their defaults
+    assert make_config("paper-cifar10", {"method.name": "mllm_fl"}).fingerprint() == "51c3f2369e38"

@@ -110,7 +110,10 @@ def test_stage1_fingerprint_ignores_the_federation():
     # MNIST's pool is its validation split: the long tail of the training set does not change it
     assert stage1_fingerprint(base) == stage1_fingerprint(make_config("smoke", {"method.name": "mllm_fl",
                                                                            "data.imbalance_factor": 10}))
+    assert stage1_fingerprint(base) != stage1_fingerprint(make_config("smoke", {"method.name": "mllm_fl", "cpu_threads": 2}))
     cifar = make_config("paper-cifar10", {"method.name": "mllm_fl"})
+    # settings added later (cpu_threads, fl.precision) leave the paper profiles' earlier stage-1 key as it was
+    assert stage1_fingerprint(cifar) == "36cce5d41044ed70"
     assert stage1_fingerprint(cifar) != stage1_fingerprint(make_config("paper-cifar10", {"method.name": "mllm_fl",
                                                                                     "data.imbalance_factor": 10}))
 

@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from fl_core.config import config_from_dict
 from fl_core.fl.sampling import client_generator
+from fl_core.parallel import cpu_threads
 
 CONFIG_KEY = "fl-core-config"  # the full experiment config, as JSON, in every train message
 _engines: dict[str, object] = {}  # one client-side engine per config in this process
@@ -47,12 +48,13 @@ def make_client_app() -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         cfg = config_from_dict(json.loads(config[CONFIG_KEY]))
-        engine = client_engine(cfg)
         k, round_idx = partition_id(context), int(config["server-round"])
-        engine.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        if "broadcast" in msg.content:
-            engine.method.receive_broadcast(tensors_to(msg.content["broadcast"].to_torch_state_dict(), engine.device))
-        result = engine.method.client_update(engine, k, client_generator(cfg.seed, round_idx, k))
+        with cpu_threads(cfg.cpu_threads):
+            engine = client_engine(cfg)
+            engine.model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+            if "broadcast" in msg.content:
+                engine.method.receive_broadcast(tensors_to(msg.content["broadcast"].to_torch_state_dict(), engine.device))
+            result = engine.method.client_update(engine, k, client_generator(cfg.seed, round_idx, k))
         metrics = MetricRecord({"num-examples": result.num_samples, "partition-id": k, "train-loss": result.mean_loss,
                                 "upload-bytes": result.upload_bytes, "client-flops": result.flops})
         reply = {"arrays": ArrayRecord(result.state), "metrics": metrics}

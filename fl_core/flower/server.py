@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_core.config import ExperimentConfig, make_config, parse_set_args
 from fl_core.flower.client import CONFIG_KEY, tensors_to
 from fl_core.methods.base import ClientResult
+from fl_core.parallel import cpu_threads
 from fl_core.results import RECORD_NAME
 
 
@@ -109,16 +110,17 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path | str | None
 
     device = resolve_device(cfg.device)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    engine = Engine(cfg, make_method(cfg), build_federated_data(cfg, device), run_dir, device, progress=False)
-    engine.runner = "flower"
-    engine.start()  # stage 1 (cached) on a fresh run, or the checkpoint of an interrupted one
-    remaining = cfg.fl.rounds - engine.completed_rounds
-    if remaining > 0:
-        nodes = discover_partitions(grid, cfg.data.num_clients, connect_timeout)
-        strategy = PartitionStrategy(engine, nodes, engine.completed_rounds + 1)
-        strategy.start(grid, ArrayRecord(engine.model.state_dict()), num_rounds=remaining, timeout=client_timeout,
-                       train_config=ConfigRecord({CONFIG_KEY: json.dumps(cfg.to_dict())}))
-    return {**engine.finish(), "_path": str(run_dir / RECORD_NAME)}
+    with cpu_threads(cfg.cpu_threads):
+        engine = Engine(cfg, make_method(cfg), build_federated_data(cfg, device), run_dir, device, progress=False)
+        engine.runner = "flower"
+        engine.start()  # stage 1 (cached) on a fresh run, or the checkpoint of an interrupted one
+        remaining = cfg.fl.rounds - engine.completed_rounds
+        if remaining > 0:
+            nodes = discover_partitions(grid, cfg.data.num_clients, connect_timeout)
+            strategy = PartitionStrategy(engine, nodes, engine.completed_rounds + 1)
+            strategy.start(grid, ArrayRecord(engine.model.state_dict()), num_rounds=remaining, timeout=client_timeout,
+                           train_config=ConfigRecord({CONFIG_KEY: json.dumps(cfg.to_dict())}))
+        return {**engine.finish(), "_path": str(run_dir / RECORD_NAME)}
 
 
 def make_server_app(cfg: ExperimentConfig | None = None, run_dir: Path | str | None = None) -> ServerApp:

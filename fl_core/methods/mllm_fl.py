@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,7 @@ from fl_core.methods.base import Method
 from fl_core.methods.pretrain import fold_projection, pretrain_student, text_classifier
 from fl_core.metrics import GROUP_NAMES
 from fl_core.models import ResNet8
-from fl_core.results import save_torch
+from fl_core.results import computed_once, save_torch
 
 ALIGN_STREAM = 1_000_003  # client-id slot of the server's alignment generator (never a real client)
 STAGE1_METHOD_KEYS = ("stage1_epochs", "stage1_batch_size", "stage1_lr", "dwd", "lambda0", "lambda_schedule",
@@ -40,6 +41,8 @@ def stage1_fingerprint(cfg: ExperimentConfig) -> str:
         ignored |= {"data.imbalance_factor", "data.train_limit"}  # the pool does not depend on the long tail
     keys = [k for k in flat if k.startswith(("data.", "model.", "teacher.")) and k not in ignored]
     keys += ["seed", "device"] + [f"method.{k}" for k in STAGE1_METHOD_KEYS]
+    if cfg.cpu_threads:  # runs from before the key existed keep their stage 1
+        keys.append("cpu_threads")
     blob = json.dumps({k: flat[k] for k in sorted(keys)}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -86,12 +89,17 @@ class MLLMFL(Method):
         """Stage 1 (or its cached result): the folded state of the federated model and the curves."""
         from fl_core.teachers.cache import cache_root
 
-        m = self.cfg.method
         key = stage1_fingerprint(self.cfg)
         path = cache_root() / "stage1" / f"{key}.pt"
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu")
-            return saved["state"], {**saved["info"], "cached": True}
+        with computed_once(path):
+            if path.is_file():
+                saved = torch.load(path, map_location="cpu")
+                return saved["state"], {**saved["info"], "cached": True}
+            return self.pretrain(engine, server, key, path)
+
+    def pretrain(self, engine, server, key: str, path: Path) -> tuple[dict, dict]:
+        """Run stage 1 and save its result under ``path``."""
+        m = self.cfg.method
         ann, encoder, pool = server.annotation, server.encoder, server.pool
         captions = ann.captions
         caption_emb = encoder.encode_text(captions)

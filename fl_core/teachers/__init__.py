@@ -27,8 +27,9 @@ def build_encoder(cfg: ExperimentConfig, cache: TeacherCache, device: torch.devi
     """The CLIP-role encoder the config names (the offline one still needs ``fit`` on a captioned pool)."""
     t = cfg.teacher
     if t.clip == "offline":
-        return OfflineCLIP(cache, device, t.batch_size, t.image_size, t.align_steps, progress)
-    return OpenCLIPEncoder(cache, t.clip_model, t.clip_pretrained, device, t.batch_size, t.allow_download, progress)
+        return OfflineCLIP(cache, device, t.batch_size, t.image_size, t.align_steps, progress, cfg.cpu_threads)
+    return OpenCLIPEncoder(cache, t.clip_model, t.clip_pretrained, device, t.batch_size, t.allow_download, progress,
+                           cfg.cpu_threads)
 
 
 def text_embedding_dim(teacher) -> int:

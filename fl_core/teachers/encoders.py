@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fl_core.results import save_torch
+from fl_core.parallel import compute_setting, cpu_threads
+from fl_core.results import computed_once, save_torch
 from fl_core.teachers.cache import TeacherCache, cache_root, image_digest, text_digest
 from fl_core.teachers.hf_mllm import TeacherUnavailableError
 
@@ -33,8 +34,11 @@ class ImageTextEncoder:
     logit_scale = 100.0
     needs_fit = False  # True: zero-shot scores need ``fit`` on a captioned pool first
 
-    def __init__(self, cache: TeacherCache, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True):
+    def __init__(self, cache: TeacherCache, device: torch.device | str = "cpu", batch_size: int = 64, progress: bool = True,
+                 threads: int = 0):
         self.cache, self.device, self.batch_size, self.progress = cache, torch.device(device), batch_size, progress
+        self.threads = threads  # torch's CPU threads for its computations (0: as the caller has it)
+        self.compute_setting = compute_setting(threads, self.device)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -59,19 +63,24 @@ class ImageTextEncoder:
                 batch = torch.cat([batch, batch[:1].expand(padding, *batch.shape[1:])])
             return list(self._image_features(batch)[: len(positions)].float().cpu())
 
-        rows = self.cache.map({"kind": "image_features", "encoder": self.name, "batch": self.batch_size},
-                              [image_digest(im) for im in images], compute, self.batch_size,
-                              desc=f"{self.name} images", progress=self.progress)
+        namespace = {"kind": "image_features", "encoder": self.name, "batch": self.batch_size, **self.compute_setting}
+        with cpu_threads(self.threads):
+            rows = self.cache.map(namespace, [image_digest(im) for im in images], compute, self.batch_size,
+                                  desc=f"{self.name} images", progress=self.progress)
         return torch.stack(rows)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.project_image(self.image_features(images)), dim=-1)
+        features = self.image_features(images)
+        with cpu_threads(self.threads):
+            return F.normalize(self.project_image(features), dim=-1)
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings, cached per distinct text."""
-        rows = self.cache.map({"kind": "text_embedding", "encoder": self.name}, [text_digest(t) for t in texts],
-                              lambda pos: list(self._text_features([texts[p] for p in pos]).float().cpu()),
-                              4 * self.batch_size, desc=f"{self.name} texts", progress=self.progress)
+        with cpu_threads(self.threads):
+            rows = self.cache.map({"kind": "text_embedding", "encoder": self.name, **self.compute_setting},
+                                  [text_digest(t) for t in texts],
+                                  lambda pos: list(self._text_features([texts[p] for p in pos]).float().cpu()),
+                                  4 * self.batch_size, desc=f"{self.name} texts", progress=self.progress)
         return F.normalize(torch.stack(rows), dim=-1)
 
     def class_embeddings(self, class_names: list[str], templates=PROMPT_TEMPLATES) -> torch.Tensor:
@@ -104,8 +113,9 @@ class ImageTextEncoder:
 
 class OpenCLIPEncoder(ImageTextEncoder):
     def __init__(self, cache: TeacherCache, model_name: str = "ViT-B-32", pretrained: str | None = "openai",
-                 device="cpu", batch_size: int = 64, allow_download: bool = False, progress: bool = True):
-        super().__init__(cache, device, batch_size, progress)
+                 device="cpu", batch_size: int = 64, allow_download: bool = False, progress: bool = True,
+                 threads: int = 0):
+        super().__init__(cache, device, batch_size, progress, threads)
         import open_clip
 
         how = (f"Pass a local checkpoint with --set teacher.clip_pretrained=/path/to/open_clip_pytorch_model.bin, "
@@ -142,8 +152,8 @@ class OfflineCLIP(ImageTextEncoder):
     needs_fit = True
 
     def __init__(self, cache: TeacherCache, device="cpu", batch_size: int = 64, image_size: int = 64,
-                 align_steps: int = 300, progress: bool = True):
-        super().__init__(cache, device, batch_size, progress)
+                 align_steps: int = 300, progress: bool = True, threads: int = 0):
+        super().__init__(cache, device, batch_size, progress, threads)
         self.image_size, self.align_steps = image_size, align_steps
         self.name = f"offline:efficientnet_lite0@{image_size}px+all-MiniLM-L6-v2"
         self._image_net = self._text_net = None
@@ -183,16 +193,19 @@ class OfflineCLIP(ImageTextEncoder):
         """Fit ``rho`` (standardize, then linear) with a symmetric InfoNCE between pool images and
         the embeddings of their captions; cached by pool content, captions, steps and seed."""
         digests = [image_digest(im) for im in images]
-        key = hashlib.sha256("|".join([self.name, str(self.align_steps), str(seed), *digests, *captions]).encode()).hexdigest()[:20]
+        setting = [f"{k}={v}" for k, v in self.compute_setting.items()]
+        key = hashlib.sha256("|".join([self.name, str(self.align_steps), str(seed), *setting, *digests, *captions]).encode()).hexdigest()[:20]
         path = cache_root() / "projections" / f"{key}.pt"
-        if path.is_file():
-            state = torch.load(path, map_location="cpu")
-            self.fit_info = {**state["info"], "cached": True}
-        else:
-            feats, texts = self.image_features(images), self.encode_text(captions)
-            state = fit_projection(feats, texts, self.align_steps, seed)
-            save_torch(path, state)
-            self.fit_info = {**state["info"], "cached": False}
+        with computed_once(path):
+            if path.is_file():
+                state = torch.load(path, map_location="cpu")
+                self.fit_info = {**state["info"], "cached": True}
+            else:
+                feats, texts = self.image_features(images), self.encode_text(captions)
+                with cpu_threads(self.threads):
+                    state = fit_projection(feats, texts, self.align_steps, seed)
+                save_torch(path, state)
+                self.fit_info = {**state["info"], "cached": False}
         self.mean, self.std = state["mean"], state["std"]
         self.projection = nn.Linear(*state["weight"].T.shape)
         self.projection.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
