@@ -50,15 +50,11 @@ def test_flower_simulation_equals_in_process_engine(method, tiny_config, tmp_pat
     from fl_core.flower import make_client_app, make_server_app
 
     cfg = tiny_config(method__name=method)
-    threads = torch.get_num_threads()
-    # one thread everywhere, as in the simulation's actors (1 CPU each): the same float reduction order
-    torch.set_num_threads(1)
-    try:
-        reference = run_experiment(cfg, tmp_path / "in-process", progress=False)
-        run_simulation(make_server_app(cfg, tmp_path / "flower"), make_client_app(), num_supernodes=cfg.data.num_clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    finally:
-        torch.set_num_threads(threads)
+    # the smoke profile's cpu_threads=1 holds in the simulation's actors too: the same float reduction order
+    assert cfg.cpu_threads == 1
+    reference = run_experiment(cfg, tmp_path / "in-process", progress=False)
+    run_simulation(make_server_app(cfg, tmp_path / "flower"), make_client_app(), num_supernodes=cfg.data.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     assert_same_run(tmp_path / "flower", tmp_path / "in-process", reference)
 
 
