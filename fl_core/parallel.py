@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import signal
 from contextlib import contextmanager
 from typing import Callable, Sequence
 
@@ -79,9 +80,8 @@ def run_many(job: Callable, items: Sequence, workers: int, desc: str = "runs", p
             "a worker process died: out of memory, or a script that starts runs at import (worker processes "
             "import the main script: put its work under `if __name__ == \"__main__\":`). Finished runs are kept "
             f"and interrupted ones resume; {WORKERS_ENV}=1 runs them one at a time in this process") from err
-    except BaseException:
-        for f in futures:
-            f.cancel()
+    except BaseException:  # an interrupt, or a run's error: stop the others too (they resume later)
+        _stop_workers()
         raise
 
 
@@ -92,9 +92,26 @@ def _worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     if _pool is None or _pool_key != key:
         shutdown_workers()
         # spawn: a fork of a process whose torch already started its thread pool can hang
-        _pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                       initializer=_ignore_interrupts)
         _pool_key = key
     return _pool
+
+
+def _ignore_interrupts() -> None:
+    # Ctrl-C (or a notebook kernel's interrupt) reaches the whole process group; the caller decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers() -> None:
+    """Kill the workers now (a killed run resumes after its last completed round)."""
+    global _pool, _pool_key
+    if _pool is not None:
+        processes = list(getattr(_pool, "_processes", {}).values())  # no public way before Python 3.14
+        _pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+    _pool, _pool_key = None, ()
 
 
 def shutdown_workers() -> None:
