@@ -45,6 +45,7 @@ def compute_setting(threads: int, device: torch.device | str) -> dict:
 
 
 def available_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
