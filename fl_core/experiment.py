@@ -30,17 +30,25 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | str | None = None, pro
     """Run ``cfg`` in ``run_dir`` and return its record: a finished run is reused as it is, an
     interrupted one resumes after its last completed round."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    record_path = run_dir / RECORD_NAME
-    if record_path.is_file():
-        record = load_record(record_path)
-        check_same_config(run_dir, record["fingerprint"], record["config"], cfg)
-        if record["status"] == "complete":
-            return {**record, "_path": str(record_path)}
+    finished = finished_record(cfg, run_dir)
+    if finished is not None:
+        return finished
     device = resolve_device(cfg.device)
     with cpu_threads(cfg.cpu_threads):
         data = build_federated_data(cfg, device)
         record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
-    return {**record, "_path": str(record_path)}
+    return {**record, "_path": str(run_dir / RECORD_NAME)}
+
+
+def finished_record(cfg: ExperimentConfig, run_dir: Path | str) -> dict | None:
+    """The record of a finished run of ``cfg`` in ``run_dir``, or ``None`` (no run, or an
+    interrupted one). Raises if the directory holds a run of another config."""
+    record_path = Path(run_dir) / RECORD_NAME
+    if not record_path.is_file():
+        return None
+    record = load_record(record_path)
+    check_same_config(run_dir, record["fingerprint"], record["config"], cfg)
+    return {**record, "_path": str(record_path)} if record["status"] == "complete" else None
 
 
 def run(profile: str = "offline", overrides: dict | None = None, **kwargs) -> dict:
@@ -96,18 +104,13 @@ def run_grid(profile: str, variants: dict[str, dict], seeds: list[int], base: di
     jobs = {str(default_run_dir(cfg)): cfg for _, cfg in named}  # a setting that recurs runs once
     threads = [cfg.cpu_threads for cfg in jobs.values()]
     on_cpu = all(resolve_device(cfg.device).type == "cpu" for cfg in jobs.values())
-    workers = worker_count(0 if 0 in threads else max(threads), on_cpu)
-    finished = {run_dir: run_experiment(cfg, run_dir) for run_dir, cfg in jobs.items() if _is_complete(run_dir)}
-    todo = [run_dir for run_dir in jobs if run_dir not in finished]
+    done = {run_dir: record for run_dir, cfg in jobs.items() if (record := finished_record(cfg, run_dir))}
+    todo = [run_dir for run_dir in jobs if run_dir not in done]
+    workers = min(worker_count(0 if 0 in threads else max(threads), on_cpu), len(todo))
     # one run at a time shows its own progress; runs at once would interleave their bars
-    items = [(run_dir, jobs[run_dir], progress and (workers == 1 or len(todo) == 1)) for run_dir in todo]
-    done = {**finished, **dict(zip(todo, run_many(_run_grid_job, items, workers, progress=progress)))}
+    items = [(run_dir, jobs[run_dir], progress and workers == 1) for run_dir in todo]
+    done.update(zip(todo, run_many(_run_grid_job, items, workers, progress=progress)))
     return [{**done[str(default_run_dir(cfg))], "_variant": name} for name, cfg in named]
-
-
-def _is_complete(run_dir: Path | str) -> bool:
-    path = Path(run_dir) / RECORD_NAME
-    return path.is_file() and load_record(path).get("status") == "complete"
 
 
 def _run_grid_job(job: tuple[str, ExperimentConfig, bool]) -> dict:

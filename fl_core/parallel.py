@@ -82,7 +82,7 @@ def run_many(job: Callable, items: Sequence, workers: int, desc: str = "runs", p
             "import the main script: put its work under `if __name__ == \"__main__\":`). Finished runs are kept "
             f"and interrupted ones resume; {WORKERS_ENV}=1 runs them one at a time in this process") from err
     except BaseException:  # an interrupt, or a run's error: stop the others too (they resume later)
-        _stop_workers()
+        shutdown_workers(kill=True)
         raise
 
 
@@ -104,20 +104,14 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop_workers() -> None:
-    """Kill the workers now (a killed run resumes after its last completed round)."""
+def shutdown_workers(kill: bool = False) -> None:
+    """Stop the kept worker processes (they stop with the interpreter too): after their current
+    runs, or at once with ``kill`` (a killed run resumes after its last completed round)."""
     global _pool, _pool_key
     if _pool is not None:
         processes = list(getattr(_pool, "_processes", {}).values())  # no public way before Python 3.14
-        _pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.kill()
-    _pool, _pool_key = None, ()
-
-
-def shutdown_workers() -> None:
-    """Stop the kept worker processes (they stop with the interpreter too)."""
-    global _pool, _pool_key
-    if _pool is not None:
-        _pool.shutdown(cancel_futures=True)
+        _pool.shutdown(wait=not kill, cancel_futures=True)
+        if kill:
+            for process in processes:
+                process.kill()
     _pool, _pool_key = None, ()
