@@ -19,7 +19,7 @@ fraction of the machine's fp32 matmul FLOP/s measured in the same run (the bette
 oneDNN/cuDNN); ``fraction_of_matmul_peak`` is that of the loop the profile's FedAvg runs use. The
 last stdout line is one JSON object. Usage: ``python benchmarks/round_speed.py [--profile offline] [--local-epochs N] [--set k=v ...]``;
 ``--variants`` times (c) alone under every execution switch (``fl.cuda_graphs``, ``fl.channels_last``,
-``fl.precision``), ``--kernels`` profiles one round of (c).
+``fl.precision``, on CUDA ``fl.grouped_conv``), ``--kernels`` profiles one round of (c).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -189,26 +190,30 @@ def time_clip2fl_round(profile, overrides, data, clients, generators, scratch, d
     return timed(device, peers_round, repeats), timed(device, our_round, repeats), first_visit
 
 
-def time_variants(engine: Engine, clients: list[int], generators, device: torch.device, n: int, images: int) -> dict:
-    """(c) under every combination of the execution switches, each as its own warmed-up timing;
+def time_variants(engine: Engine, clients: list[int], generators, device: torch.device, n: int, images: int,
+                  only: list[str] = ()) -> dict:
+    """(c) under every combination of the execution switches that has the settings ``only``
+    (e.g. ``fl.cuda_graphs=on``), each as its own warmed-up timing;
     the last stdout line is a JSON object whose ``fastest`` holds the fastest combination's ``--set``
     overrides. bf16 changes the arithmetic (and the fingerprint); the others do not."""
     engine.vectorized, base = True, engine.cfg
-    seconds = {}
-    for graphs in ("off", "on") if device.type == "cuda" else ("off",):
-        for layout in ("off", "on"):
-            for precision in ("fp32", "bf16"):
-                switches = {"cuda_graphs": graphs, "channels_last": layout, "precision": precision}
-                engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
-                engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
-                key = " ".join(f"fl.{k}={v}" for k, v in switches.items())
-                try:
-                    engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
-                    seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
-                except RuntimeError as error:  # reported, and the other combinations still timed
-                    print(f"(c) {key:<56} failed: {error}", flush=True)
-                    continue
-                print(f"(c) {key:<56}{seconds[key]:>8.2f} s{images / seconds[key]:>10.0f} images/s", flush=True)
+    seconds, cuda = {}, device.type == "cuda"
+    combinations = itertools.product(("off", "on") if cuda else ("off",), ("off", "on"), ("fp32", "bf16"),
+                                     ("native", "triton") if cuda else ("native",))
+    for graphs, layout, precision, kernel in combinations:
+        switches = {"cuda_graphs": graphs, "channels_last": layout, "precision": precision, "grouped_conv": kernel}
+        key = " ".join(f"fl.{k}={v}" for k, v in switches.items())
+        if (kernel == "triton" and layout == "off") or not set(only) <= set(key.split()):
+            continue  # the Triton kernels read channels-last activations
+        engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
+        engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
+        try:
+            engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
+            seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
+        except RuntimeError as error:  # reported, and the other combinations still timed
+            print(f"(c) {key:<80} failed: {error}", flush=True)
+            continue
+        print(f"(c) {key:<80}{seconds[key]:>8.2f} s{images / seconds[key]:>10.0f} images/s", flush=True)
     engine.cfg = base
     fastest = min(seconds, key=seconds.get)
     result = {"device": device_description(device), "images": images, "vectorized_seconds": seconds,
@@ -250,8 +255,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-clip2fl", dest="clip2fl", action="store_false",
                         help="skip (d), which needs the CLIP-role encoder's weights")
     parser.add_argument("--variants", action="store_true",
-                        help="time only (c), under every execution switch (fl.cuda_graphs on CUDA, fl.channels_last, "
-                             "fl.precision), and name the fastest")
+                        help="time only (c), under every execution switch (fl.cuda_graphs and fl.grouped_conv on CUDA, "
+                             "fl.channels_last, fl.precision), and name the fastest")
+    parser.add_argument("--variants-with", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="with --variants: only the combinations with these settings, e.g. fl.cuda_graphs=on")
     parser.add_argument("--kernels", action="store_true",
                         help="profile one round of (c), eager, and print the operations taking the most device time")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
@@ -284,7 +291,7 @@ def main(argv=None) -> dict:
     seconds = {}
     n = args.repeats
     if args.variants:
-        return time_variants(engine, clients, generators, device, n, images)
+        return time_variants(engine, clients, generators, device, n, images, args.variants_with)
     if args.kernels:
         return profile_kernels(engine, clients, generators, device)
     seconds["reference"] = timed(device, lambda: [peer_client_training(engine.model, data.clients[k], data.pipeline, device, f)

@@ -7,6 +7,8 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
   its algorithms and keeps the fastest, a choice that can differ between runs),
 - ``per_client``: one dense convolution per client on its channel block, outputs concatenated,
 - ``per_client+streams``: the same, each client's on its own CUDA stream (CUDA only),
+- ``triton``: fl_core's Triton grouped convolution (``fl_core.fl.grouped_conv``, CUDA only), which
+  reads each client's channel block in place (``fl.grouped_conv=triton``),
 - ``grouped+compile``: grouped, with the forward pass and loss under ``torch.compile`` (inductor
   fuses BatchNorm, ReLU and the residual additions, forward and backward; compile time printed apart),
 
@@ -78,7 +80,7 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     torch.manual_seed(0)
     dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: the same values, to measure rounding
     model = ResNet8(10, 1, width).to(device, dtype)
-    skeleton = stacked_skeleton(model)
+    skeleton = stacked_skeleton(model, "triton" if strategy == "triton" else "native")
     params = {n: p.detach().unsqueeze(0).repeat(clients, *[1] * p.dim()).requires_grad_(True)
               for n, p in model.named_parameters()}
     buffers = {n: b.unsqueeze(0).repeat(clients, *[1] * b.dim()) for n, b in model.named_buffers()}
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--strategies", nargs="*", default=None, metavar="NAME",
-                        help="default: grouped, per_client, and on CUDA grouped+benchmark and per_client+streams; "
+                        help="default: grouped, per_client, and on CUDA grouped+benchmark, per_client+streams and triton; "
                              "grouped+compile only when named")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"],
@@ -156,7 +158,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     malloc = keep_freed_memory()  # as the engine does
     cuda = device.type == "cuda"
-    strategies = args.strategies or ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams"] if cuda else [])
+    strategies = args.strategies or ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams", "triton"]
+                                                                  if cuda else [])
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
           f"{' (CUDA graph replays)' if cuda else ''}, malloc {malloc}")

@@ -42,9 +42,10 @@ ARCHS = ("auto", "resnet8", "resnet8_clip2fl", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_TRAINING = ("auto", "sequential", "vectorized")
 SWITCHES = ("auto", "on", "off")
+GROUPED_CONV = ("auto", "native", "triton")
 PRECISIONS = ("fp32", "bf16")
 # settings that change how a run executes, not its results (left out of the fingerprint)
-EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last")
+EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last", "fl.grouped_conv")
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
 FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0}
@@ -99,6 +100,9 @@ class FLConfig:
     # lay out their batches channels-last (auto: on CPU, where oneDNN's grouped convolutions gain)
     cuda_graphs: str = "auto"
     channels_last: str = "auto"
+    # their grouped convolutions: torch's (cuDNN, oneDNN), or fl_core's Triton kernels (CUDA only);
+    # auto: torch's
+    grouped_conv: str = "auto"
     # local training's arithmetic: fp32, or bf16 autocast of the forward pass (changes results)
     precision: str = "fp32"
 
@@ -335,9 +339,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
     _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
     _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)
+    _choice("fl.grouped_conv", cfg.fl.grouped_conv, GROUPED_CONV)
     _choice("fl.precision", cfg.fl.precision, PRECISIONS)
     if cfg.fl.cuda_graphs == "on" and cfg.device == "cpu":
         raise ValueError("fl.cuda_graphs=on needs a CUDA device, but device=cpu; use fl.cuda_graphs=auto or off")
+    if cfg.fl.grouped_conv == "triton" and cfg.device == "cpu":
+        raise ValueError("fl.grouped_conv=triton needs a CUDA device, but device=cpu; use fl.grouped_conv=auto or native")
     _choice("profile", cfg.profile, PROFILES)
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
     if not d.alpha > 0:

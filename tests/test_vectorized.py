@@ -30,13 +30,20 @@ NEEDS_CUDA = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")
 EXECUTIONS = [pytest.param({"channels_last": False}, id="contiguous"),
               pytest.param({"channels_last": True}, id="channels_last"),
               pytest.param({"cuda_graphs": True}, id="graphs", marks=NEEDS_CUDA),
-              pytest.param({"cuda_graphs": True, "channels_last": True}, id="graphs_channels_last", marks=NEEDS_CUDA)]
+              pytest.param({"cuda_graphs": True, "channels_last": True}, id="graphs_channels_last", marks=NEEDS_CUDA),
+              # fl_core's Triton convolutions (on a CPU, Triton's interpreter is too slow for whole runs:
+              # test_grouped_conv.py checks one stacked step there)
+              pytest.param({"grouped_conv": "triton", "channels_last": True}, id="triton", marks=NEEDS_CUDA),
+              pytest.param({"grouped_conv": "triton", "cuda_graphs": True, "channels_last": True}, id="graphs_triton",
+                           marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("momentum, weight_decay, prox_mu, distill", [(0.0, 0.0, 0.0, False), (0.9, 5e-4, 0.1, False),
                                                                       (0.0, 0.0, 0.0, True)])
 def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_mu, distill, execution, monkeypatch):
+    if execution.get("grouped_conv") == "triton":
+        pytest.importorskip("triton")
     # In float64, so that equality is tight: in float32 the two summation orders (grouped vs separate
     # convolutions) differ by ~1e-7, which many SGD steps on noise can amplify chaotically.
     device = TEST_DEVICE
@@ -123,7 +130,8 @@ def test_unknown_client_training_mode_is_rejected(tiny_config):
 
 def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_config):
     base = tiny_config()
-    for key, value in (("fl__cuda_graphs", "off"), ("fl__channels_last", "on"), ("fl__precision", "fp32")):
+    for key, value in (("fl__cuda_graphs", "off"), ("fl__channels_last", "on"), ("fl__precision", "fp32"),
+                       ("fl__grouped_conv", "native")):
         assert tiny_config(**{key: value}).fingerprint() == base.fingerprint(), key
     assert tiny_config(fl__precision="bf16").fingerprint() != base.fingerprint()  # changes the arithmetic
     with pytest.raises(ValueError, match="fl.precision='fp16' is not valid; choose one of: bf16, fp32"):
@@ -132,6 +140,10 @@ def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_c
         tiny_config(fl__cuda_graphs="on", device="cpu")
     with pytest.raises(ValueError, match="fl.cuda_graphs"):
         tiny_config(fl__cuda_graphs="yes")
+    with pytest.raises(ValueError, match="fl.grouped_conv=triton needs a CUDA device"):
+        tiny_config(fl__grouped_conv="triton", device="cpu")
+    with pytest.raises(ValueError, match="fl.grouped_conv='cudnn' is not valid; choose one of: auto, native, triton"):
+        tiny_config(fl__grouped_conv="cudnn")
 
 
 def test_cuda_graphs_need_cuda():

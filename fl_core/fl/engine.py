@@ -52,18 +52,23 @@ def resolve_client_training(mode: str, device: torch.device) -> bool:
     return mode == "vectorized" or (mode == "auto" and device.type == "cuda")
 
 
-def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool]:
-    """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA) and
-    ``fl.channels_last`` (auto: on CPU); keyword arguments of ``train_clients_vectorized``."""
+def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool | str]:
+    """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA),
+    ``fl.channels_last`` (auto: on CPU) and ``fl.grouped_conv`` (auto: torch's kernels); keyword
+    arguments of ``train_clients_vectorized``."""
     if fl.cuda_graphs == "on" and device.type != "cuda":
         raise ValueError(f"fl.cuda_graphs=on needs a CUDA device, but the run's device is {device.type}; "
                          "use fl.cuda_graphs=auto or off")
+    if fl.grouped_conv == "triton" and device.type != "cuda":
+        raise ValueError(f"fl.grouped_conv=triton needs a CUDA device, but the run's device is {device.type}; "
+                         "use fl.grouped_conv=auto or native")
 
     def switch(mode: str, auto: bool) -> bool:
         return mode == "on" or (mode == "auto" and auto)
 
     return {"cuda_graphs": switch(fl.cuda_graphs, device.type == "cuda"),
-            "channels_last": switch(fl.channels_last, device.type == "cpu")}
+            "channels_last": switch(fl.channels_last, device.type == "cpu"),
+            "grouped_conv": "native" if fl.grouped_conv == "auto" else fl.grouped_conv}
 
 
 class Engine:

@@ -24,17 +24,29 @@ _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Id
 
 
 class _StackedConv2d(nn.Module):
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, kernel: str = "native"):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         if conv.padding_mode != "zeros":
             raise TypeError(f"stacking supports zero-padded convolutions only, not padding_mode={conv.padding_mode!r}")
+        self.triton = kernel == "triton" and _triton_supports(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         clients = self.weight.shape[0]
+        if self.triton:
+            from fl_core.fl.grouped_conv import grouped_conv2d
+
+            return grouped_conv2d(x, self.weight.flatten(0, 1), self.stride[0], self.padding[0], clients * self.groups)
         bias = None if self.bias is None else self.bias.flatten()
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation,
                         groups=clients * self.groups)
+
+
+def _triton_supports(conv: nn.Conv2d) -> bool:
+    """Whether ``fl_core.fl.grouped_conv`` computes ``conv`` (square stride and padding, no bias or
+    dilation); other convolutions stay with torch's."""
+    return (conv.bias is None and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
+            and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1])
 
 
 class _StackedBatchNorm2d(nn.Module):
@@ -60,16 +72,22 @@ class _StackedLinear(nn.Module):
         return out.transpose(0, 1).reshape(batch, -1)
 
 
-_STACKED = {nn.Conv2d: _StackedConv2d, nn.BatchNorm2d: _StackedBatchNorm2d, nn.Linear: lambda _: _StackedLinear()}
+GROUPED_CONV_KERNELS = ("native", "triton")
 
 
-def stacked_skeleton(model: nn.Module) -> nn.Module:
+def stacked_skeleton(model: nn.Module, grouped_conv: str = "native") -> nn.Module:
     """A parameter-free stacked copy of ``model`` (see the module docstring); ``TypeError`` names a
-    layer that mixes channels in a way stacking does not know (then train clients one by one)."""
+    layer that mixes channels in a way stacking does not know (then train clients one by one).
+    ``grouped_conv``: ``native`` runs the convolutions with torch's ``F.conv2d`` (cuDNN, oneDNN),
+    ``triton`` with ``fl_core.fl.grouped_conv`` (CUDA)."""
+    if grouped_conv not in GROUPED_CONV_KERNELS:
+        raise ValueError(f"grouped_conv={grouped_conv!r} is invalid; valid: {', '.join(GROUPED_CONV_KERNELS)}")
+    stacking = {nn.Conv2d: lambda conv: _StackedConv2d(conv, grouped_conv), nn.BatchNorm2d: _StackedBatchNorm2d,
+                nn.Linear: lambda _: _StackedLinear()}
     skeleton = copy.deepcopy(model).to("meta")
     for name, module in list(skeleton.named_modules()):
-        if type(module) in _STACKED:
-            stacked = _STACKED[type(module)](module)
+        if type(module) in stacking:
+            stacked = stacking[type(module)](module)
             for tensor_name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 if tensor is not None:
                     stacked.register_buffer(tensor_name, tensor)

@@ -43,6 +43,7 @@ def train_clients_vectorized(
     *,
     cuda_graphs: bool = False,
     channels_last: bool | None = None,
+    grouped_conv: str = "native",
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
@@ -52,7 +53,8 @@ def train_clients_vectorized(
     clients' datasets concatenated in the order given; it returns each member's term ``(members,)``.
 
     ``cuda_graphs`` replays recurring steps from CUDA graphs (CUDA only); ``channels_last`` lays
-    out the stacked batches channels-last (default: on CPU only). Neither changes the arithmetic.
+    out the stacked batches channels-last (default: on CPU only); ``grouped_conv`` picks the
+    convolution kernels (``stacked_skeleton``). None changes the arithmetic, only its rounding.
 
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
@@ -62,7 +64,7 @@ def train_clients_vectorized(
     if channels_last is None:
         channels_last = device.type == "cpu"  # oneDNN runs these grouped convolutions ~1.3x faster
     num = len(clients)
-    skeleton = stacked_skeleton(model)
+    skeleton = stacked_skeleton(model, grouped_conv)
     stack = {name: t.detach().unsqueeze(0).repeat(num, *[1] * t.dim()) for name, t in model.state_dict().items()}
     param_names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: stack[n] for n in param_names}
