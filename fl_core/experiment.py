@@ -98,19 +98,61 @@ def run_grid(profile: str, variants: dict[str, dict], seeds: list[int], base: di
 
     On a CPU with ``cpu_threads`` set, the runs go to worker processes, as many at once as the
     cores hold (``fl_core.parallel.worker_count``); the records are the same as one at a time.
-    The workers import the main script: a script calling this needs ``if __name__ == "__main__":``."""
-    named = [(name, make_config(profile, {**(base or {}), **overrides, "seed": seed}))
-             for name, overrides in variants.items() for seed in seeds]
-    jobs = {str(default_run_dir(cfg)): cfg for _, cfg in named}  # a setting that recurs runs once
+    The workers import the main script: a script calling this needs ``if __name__ == "__main__":``.
+    Several grids are best given to ``run_grids`` together."""
+    return run_grids(profile, {None: (variants, seeds)}, base, progress)[None]
+
+
+def run_grids(profile: str, grids: dict, base: dict | None = None, progress: bool = True) -> dict:
+    """Several grids at once: ``grids`` maps a key to ``(variants, seeds)`` or ``(variants, seeds,
+    overrides)`` (those over ``base``), and the result maps each key to its ``run_grid`` records.
+    Their pending runs share the workers, longest first (``expected_cost``), so that no core idles
+    at one grid's end while the next waits; a setting that recurs, within a grid or across, runs once."""
+    named = {key: [(name, make_config(profile, {**(base or {}), **(grid[2] if len(grid) > 2 else {}), **overrides,
+                                                  "seed": seed}))
+                   for name, overrides in grid[0].items() for seed in grid[1]]
+             for key, grid in grids.items()}
+    jobs = {str(default_run_dir(cfg)): cfg for configs in named.values() for _, cfg in configs}
     threads = [cfg.cpu_threads for cfg in jobs.values()]
     on_cpu = all(resolve_device(cfg.device).type == "cpu" for cfg in jobs.values())
     done = {run_dir: record for run_dir, cfg in jobs.items() if (record := finished_record(cfg, run_dir))}
-    todo = [run_dir for run_dir in jobs if run_dir not in done]
+    todo = longest_first({run_dir: cfg for run_dir, cfg in jobs.items() if run_dir not in done})
     workers = min(worker_count(0 if 0 in threads else max(threads), on_cpu), len(todo))
     # one run at a time shows its own progress; runs at once would interleave their bars
     items = [(run_dir, jobs[run_dir], progress and workers == 1) for run_dir in todo]
     done.update(zip(todo, run_many(_run_grid_job, items, workers, progress=progress)))
-    return [{**done[str(default_run_dir(cfg))], "_variant": name} for name, cfg in named]
+    return {key: [{**done[str(default_run_dir(cfg))], "_variant": name} for name, cfg in configs]
+            for key, configs in named.items()}
+
+
+# a run's duration relative to FedAvg's, by method (offline profile, one thread: FedAvg and FedProx
+# ~27 s, MLLM-FL ~28 s, CReFF ~43 s, CLIP2FL ~60 s), and MLLM-FL's stage 1 (~40 s more) when a run
+# must pretrain it; only the order they give matters
+RELATIVE_COST = {"fedavg": 1.0, "fedprox": 1.0, "creff": 1.6, "clip2fl": 2.2, "mllm_fl": 1.0}
+STAGE1_COST = 1.5
+
+
+def longest_first(jobs: dict[str, ExperimentConfig]) -> list[str]:
+    """The run directories of ``jobs`` (pending runs) by expected duration, longest first: on few
+    workers, a long run started last leaves the other cores idle until it ends. A stage 1 that
+    several runs share, and that is not cached, counts for the first of them only; the others
+    follow in the order of their stage 1's first run, so that they find it done rather than wait
+    for it (``computed_once``)."""
+    from fl_core.methods.mllm_fl import stage1_cache_path
+
+    pretraining: dict = {}  # stage-1 cache path -> the rank of the run that computes it
+    ranked = []
+    for index, (run_dir, cfg) in enumerate(jobs.items()):
+        cost, after = RELATIVE_COST.get(cfg.method.name, 1.0) * cfg.fl.rounds * cfg.fl.local_epochs, 0
+        path = stage1_cache_path(cfg)
+        if path is not None and not path.is_file():
+            if path not in pretraining:
+                pretraining[path] = len(pretraining)
+                cost += STAGE1_COST * cfg.fl.rounds * cfg.fl.local_epochs
+            else:
+                after = pretraining[path]
+        ranked.append((-cost, after, index, run_dir))
+    return [run_dir for *_, run_dir in sorted(ranked)]
 
 
 def _run_grid_job(job: tuple[str, ExperimentConfig, bool]) -> dict:

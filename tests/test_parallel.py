@@ -4,7 +4,8 @@ import time
 import pytest
 import torch
 
-from fl_core.experiment import run_grid
+from fl_core.config import make_config
+from fl_core.experiment import longest_first, run_grid, run_grids
 from fl_core.parallel import cpu_threads, shutdown_workers, worker_count
 from fl_core.results import computed_once
 from tests.conftest import TINY
@@ -74,3 +75,31 @@ def test_grid_in_worker_processes_equals_one_run_after_another(tmp_path, monkeyp
         assert len(a["rounds"]) == 2
         assert [(r["train_loss"], r["top1"]) for r in a["rounds"]] == [(r["train_loss"], r["top1"]) for r in b["rounds"]]
         assert a["final"] == b["final"]
+
+
+def test_longest_runs_go_first_and_a_shared_stage1_counts_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))  # nothing pretrained yet
+    jobs = {name: make_config("smoke", {**TINY, **overrides}) for name, overrides in [
+        ("fedavg", {"method.name": "fedavg"}),
+        ("mllm beta 0", {"method.name": "mllm_fl", "method.beta": 0.0}),  # stage 1 of seed 0...
+        ("mllm beta 2", {"method.name": "mllm_fl", "method.beta": 2.0}),  # ...shared: found done
+        ("creff", {"method.name": "creff"}),
+        ("mllm no stage 1", {"method.name": "mllm_fl", "method.stage1": False}),
+        ("clip2fl", {"method.name": "clip2fl"}),
+        ("mllm seed 1", {"method.name": "mllm_fl", "seed": 1}),  # another stage 1
+    ]}
+    assert longest_first(jobs) == ["mllm beta 0", "mllm seed 1", "clip2fl", "creff", "fedavg", "mllm beta 2",
+                                   "mllm no stage 1"]
+
+
+def test_grids_run_together_give_each_grid_its_records(monkeypatch, runs_dir):
+    monkeypatch.setenv("FL_CORE_WORKERS", "1")
+    fedavg = {"FedAvg": {"method.name": "fedavg"}}
+    records = run_grids("smoke", {"one seed": (fedavg, [7]), "two seeds": (fedavg, [7, 8]),
+                                  "other clients": (fedavg, [7], {"data.num_clients": 5})}, base=TINY, progress=False)
+    assert list(records) == ["one seed", "two seeds", "other clients"]
+    assert [r["config"]["seed"] for r in records["two seeds"]] == [7, 8]
+    assert records["one seed"][0]["_path"] == records["two seeds"][0]["_path"]  # the same setting, run once
+    assert records["other clients"][0]["config"]["data"]["num_clients"] == 5
+    assert all(r["_variant"] == "FedAvg" for grid in records.values() for r in grid)
+    assert len(list(runs_dir.iterdir())) == 3

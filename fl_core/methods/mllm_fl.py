@@ -33,6 +33,15 @@ STAGE1_METHOD_KEYS = ("stage1_epochs", "stage1_batch_size", "stage1_lr", "dwd", 
 PARTITION_ONLY_KEYS = ("data.num_clients", "data.alpha", "data.partition", "data.min_client_size")
 
 
+def stage1_cache_path(cfg: ExperimentConfig) -> Path | None:
+    """Where a run of ``cfg`` finds or leaves its stage 1; ``None`` for runs without one."""
+    from fl_core.teachers.cache import cache_root
+
+    if cfg.method.name != "mllm_fl" or not cfg.method.stage1:
+        return None
+    return cache_root() / "stage1" / f"{stage1_fingerprint(cfg)}.pt"
+
+
 def stage1_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of every setting stage 1 depends on (not the federation's)."""
     flat = cfg.flat()
@@ -87,10 +96,8 @@ class MLLMFL(Method):
 
     def pretrained_state(self, engine, server) -> tuple[dict, dict]:
         """Stage 1 (or its cached result): the folded state of the federated model and the curves."""
-        from fl_core.teachers.cache import cache_root
-
-        key = stage1_fingerprint(self.cfg)
-        path = cache_root() / "stage1" / f"{key}.pt"
+        path = stage1_cache_path(self.cfg)
+        key = path.stem
         with computed_once(path):
             if path.is_file():
                 saved = torch.load(path, map_location="cpu")
