@@ -13,7 +13,7 @@ from fl_core.data.federated import build_federated_data
 from fl_core.fl.engine import Engine, check_same_config, resolve_device
 from fl_core.methods import make_method
 from fl_core.parallel import cpu_threads, run_many, worker_count
-from fl_core.results import RECORD_NAME, load_record
+from fl_core.results import RECORD_NAME, computed_once, load_record
 
 
 def runs_root() -> Path:
@@ -30,13 +30,15 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | str | None = None, pro
     """Run ``cfg`` in ``run_dir`` and return its record: a finished run is reused as it is, an
     interrupted one resumes after its last completed round."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    finished = finished_record(cfg, run_dir)
-    if finished is not None:
-        return finished
-    device = resolve_device(cfg.device)
-    with cpu_threads(cfg.cpu_threads):
-        data = build_federated_data(cfg, device)
-        record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
+    # the same run started twice at once (two notebooks, two shells): the second waits, then reuses it
+    with computed_once(run_dir / RECORD_NAME):
+        finished = finished_record(cfg, run_dir)
+        if finished is not None:
+            return finished
+        device = resolve_device(cfg.device)
+        with cpu_threads(cfg.cpu_threads):
+            data = build_federated_data(cfg, device)
+            record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
     return {**record, "_path": str(run_dir / RECORD_NAME)}
 
 

@@ -103,3 +103,19 @@ def test_grids_run_together_give_each_grid_its_records(monkeypatch, runs_dir):
     assert records["other clients"][0]["config"]["data"]["num_clients"] == 5
     assert all(r["_variant"] == "FedAvg" for grid in records.values() for r in grid)
     assert len(list(runs_dir.iterdir())) == 3
+
+
+def test_the_same_run_started_twice_at_once_runs_once(tiny_config, monkeypatch):
+    from fl_core.experiment import run_experiment
+    from fl_core.fl.engine import Engine
+
+    runs, engine_run = [], Engine.run
+    monkeypatch.setattr(Engine, "run", lambda self: runs.append(1) or engine_run(self))
+    cfg = tiny_config(method__name="fedavg")
+    records = []
+    threads = [threading.Thread(target=lambda: records.append(run_experiment(cfg, progress=False))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert runs == [1] and records[0]["rounds"] == records[1]["rounds"]

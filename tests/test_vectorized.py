@@ -12,6 +12,7 @@ from torch.func import functional_call
 from fl_core.config import make_config
 from fl_core.experiment import run_experiment
 from fl_core.fl import SGDSettings, local_sgd, train_clients_vectorized
+from fl_core.fl.engine import resolve_stacked_execution
 from fl_core.fl.stacked import per_client, stacked_skeleton
 from fl_core.methods.clip2fl import kd_loss
 from fl_core.models import ResNet8, build_model
@@ -144,6 +145,16 @@ def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_c
         tiny_config(fl__grouped_conv="triton", device="cpu")
     with pytest.raises(ValueError, match="fl.grouped_conv='cudnn' is not valid; choose one of: auto, native, triton"):
         tiny_config(fl__grouped_conv="cudnn")
+
+
+def test_triton_convolutions_need_cuda_and_triton(tiny_config, monkeypatch):
+    fl = tiny_config(fl__grouped_conv="auto").fl
+    fl.grouped_conv = "triton"  # as a config for a CUDA machine would have it
+    with pytest.raises(ValueError, match="fl.grouped_conv=triton needs a CUDA device"):
+        resolve_stacked_execution(fl, torch.device("cpu"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        resolve_stacked_execution(fl, torch.device("cuda"))
 
 
 def test_cuda_graphs_need_cuda():

@@ -10,6 +10,7 @@ record. ``start`` / ``complete_round`` / ``finish`` let another driver (``fl_cor
 from __future__ import annotations
 
 import copy
+import importlib.util
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +63,9 @@ def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool | str]
     if fl.grouped_conv == "triton" and device.type != "cuda":
         raise ValueError(f"fl.grouped_conv=triton needs a CUDA device, but the run's device is {device.type}; "
                          "use fl.grouped_conv=auto or native")
+    if fl.grouped_conv == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("fl.grouped_conv=triton needs the triton package (it comes with torch's CUDA builds on "
+                         "Linux: pip install triton); or use fl.grouped_conv=auto or native")
 
     def switch(mode: str, auto: bool) -> bool:
         return mode == "on" or (mode == "auto" and auto)
