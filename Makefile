@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export FL_CORE_RUNS ?= $(CURDIR)/runs
 
-.PHONY: setup book book-beside book-rest test bench notebooks clean
+.PHONY: setup book test bench notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -22,27 +22,13 @@ $(VENV)/.installed: pyproject.toml
 
 # Execute each notebook on $(PROFILE) into book/, then render book/_build/html.
 # Finished runs are reused (records under $(FL_CORE_RUNS)); interrupted ones resume.
-# 05_results (most of the runs) executes beside the others, so that no core idles while a notebook
-# runs a single run or ends: the runs of both share the cores' CPU slots (fl_core.parallel.cpu_slot),
-# and a run both ask for runs once (a lock in its directory).
-BESIDE := notebooks/05_results.ipynb
-define execute
-	@for nb in $(1); do \
+book: setup
+	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb ($(PROFILE))"; \
 	  $(VENV)/bin/papermill --log-level WARNING --progress-bar $$nb book/$$(basename $$nb) -p profile $(PROFILE) || exit 1; \
 	done
-endef
-
-book: setup
-	@$(MAKE) --no-print-directory -j2 book-beside book-rest
 	$(VENV)/bin/jupyter-book build --quiet book
 	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
-
-book-beside: setup
-	$(call execute,$(BESIDE))
-
-book-rest: setup
-	$(call execute,$(filter-out $(BESIDE),$(NOTEBOOKS)))
 
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir).
 test: setup

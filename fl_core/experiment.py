@@ -12,7 +12,7 @@ from fl_core.config import ExperimentConfig, make_config
 from fl_core.data.federated import build_federated_data
 from fl_core.fl.engine import Engine, check_same_config, resolve_device
 from fl_core.methods import make_method
-from fl_core.parallel import cpu_slot, cpu_threads, run_many, worker_count
+from fl_core.parallel import cpu_threads, run_many, worker_count
 from fl_core.results import RECORD_NAME, computed_once, load_record
 
 
@@ -36,7 +36,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path | str | None = None, pro
         if finished is not None:
             return finished
         device = resolve_device(cfg.device)
-        with cpu_slot(cfg.cpu_threads, device.type == "cpu"), cpu_threads(cfg.cpu_threads):
+        with cpu_threads(cfg.cpu_threads):
             data = build_federated_data(cfg, device)
             record = Engine(cfg, make_method(cfg), data, run_dir, device, progress).run()
     return {**record, "_path": str(run_dir / RECORD_NAME)}

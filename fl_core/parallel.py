@@ -14,10 +14,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
-import tempfile
-import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -63,45 +60,6 @@ def worker_count(threads: int, on_cpu: bool) -> int:
     if not on_cpu or threads == 0:
         return 1
     return max(1, available_cores() // threads)
-
-
-def slots_dir() -> Path:
-    """Where the machine's CPU slots (``cpu_slot``) are: one lock file each, shared by every process."""
-    return Path(tempfile.gettempdir()) / "fl_core_cpu_slots"
-
-
-@contextmanager
-def cpu_slot(threads: int, on_cpu: bool):
-    """Hold one of the machine's CPU slots for the block: ``worker_count(threads, on_cpu)`` of them,
-    so that runs started from several processes at once (notebooks executed side by side, each with
-    its workers) never put more threads to work than the cores hold; a run waits for a free slot.
-    No slot for runs on all cores (``threads=0``) or on a GPU. A slot is a lock the system releases
-    when its holder dies."""
-    if not threads or not on_cpu:
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no slots
-        yield
-        return
-    folder = slots_dir()
-    folder.mkdir(exist_ok=True)
-    while True:
-        for slot in range(worker_count(threads, on_cpu)):
-            handle = open(folder / f"{slot}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-            return
-        time.sleep(0.2)
 
 
 def run_many(job: Callable, items: Sequence, workers: int, desc: str = "runs", progress: bool = True) -> list:

@@ -6,7 +6,7 @@ import torch
 
 from fl_core.config import make_config
 from fl_core.experiment import longest_first, run_grid, run_grids
-from fl_core.parallel import cpu_slot, cpu_threads, shutdown_workers, worker_count
+from fl_core.parallel import cpu_threads, shutdown_workers, worker_count
 from fl_core.results import computed_once
 from tests.conftest import TINY
 
@@ -119,25 +119,3 @@ def test_the_same_run_started_twice_at_once_runs_once(tiny_config, monkeypatch):
     for t in threads:
         t.join()
     assert runs == [1] and records[0]["rounds"] == records[1]["rounds"]
-
-
-def test_cpu_slots_hold_runs_from_all_processes_to_the_cores(tmp_path, monkeypatch):
-    monkeypatch.setattr("fl_core.parallel.slots_dir", lambda: tmp_path / "slots")
-    monkeypatch.setenv("FL_CORE_WORKERS", "2")  # two slots
-    inside, most = [], []
-
-    def run():
-        with cpu_slot(1, on_cpu=True):
-            inside.append(1)
-            most.append(len(inside))
-            time.sleep(0.3)
-            inside.pop()
-
-    threads = [threading.Thread(target=run) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(most) == 5 and max(most) == 2
-    with cpu_slot(0, on_cpu=True), cpu_slot(1, on_cpu=False):  # all cores, or a GPU: no slot to wait for
-        pass
