@@ -108,7 +108,7 @@ def run_grid(profile: str, variants: dict[str, dict], seeds: list[int], base: di
 def run_grids(profile: str, grids: dict, base: dict | None = None, progress: bool = True) -> dict:
     """Several grids at once: ``grids`` maps a key to ``(variants, seeds)`` or ``(variants, seeds,
     overrides)`` (those over ``base``), and the result maps each key to its ``run_grid`` records.
-    Their pending runs share the workers, longest first (``expected_cost``), so that no core idles
+    Their pending runs share the workers, longest first (``longest_first``), so that no core idles
     at one grid's end while the next waits; a setting that recurs, within a grid or across, runs once."""
     named = {key: [(name, make_config(profile, {**(base or {}), **(grid[2] if len(grid) > 2 else {}), **overrides,
                                                   "seed": seed}))
