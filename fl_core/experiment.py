@@ -12,6 +12,7 @@ from fl_core.config import ExperimentConfig, make_config
 from fl_core.data.federated import build_federated_data
 from fl_core.fl.engine import Engine, check_same_config, resolve_device
 from fl_core.methods import make_method
+from fl_core.methods.mllm_fl import stage1_cache_path
 from fl_core.parallel import cpu_threads, run_many, worker_count
 from fl_core.results import RECORD_NAME, computed_once, load_record
 
@@ -140,8 +141,6 @@ def longest_first(jobs: dict[str, ExperimentConfig]) -> list[str]:
     several runs share, and that is not cached, counts for the first of them only; the others
     follow in the order of their stage 1's first run, so that they find it done rather than wait
     for it (``computed_once``)."""
-    from fl_core.methods.mllm_fl import stage1_cache_path
-
     pretraining: dict = {}  # stage-1 cache path -> the rank of the run that computes it
     ranked = []
     for index, (run_dir, cfg) in enumerate(jobs.items()):

@@ -38,7 +38,11 @@ class ImageTextEncoder:
                  threads: int = 0):
         self.cache, self.device, self.batch_size, self.progress = cache, torch.device(device), batch_size, progress
         self.threads = threads  # torch's CPU threads for its computations (0: as the caller has it)
-        self.compute_setting = compute_setting(threads, self.device)
+
+    @property
+    def compute_setting(self) -> dict:
+        """What decides the rounding of its cached computations, for their cache keys."""
+        return compute_setting(self.threads, self.device)
 
     def _image_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
