@@ -29,7 +29,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONHASHSEED=0 FL_CORE_RUNS=$OUT/ru
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/machine.txt"
 
 echo "== 1. Triton grouped convolution == cuDNN's; vectorized == sequential with it, on $DEVICE"
-FL_CORE_TEST_DEVICE=$DEVICE timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_grouped_conv.py \
+FL_CORE_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_grouped_conv.py \
   tests/test_vectorized.py -k "float32 or bf16 or refuses or stacked_resnet8 or triton" 2>&1 | tail -8
 
 echo "== 2. stacked convolutions on $DEVICE: cuDNN's grouped or Triton's"
