@@ -22,10 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 # Execute each notebook on $(PROFILE) into book/, then render book/_build/html.
 # Finished runs are reused (records under $(FL_CORE_RUNS)); interrupted ones resume.
+# 00_data and 01_fedavg (one run) execute beside 02_stage1 (one stage-1 pretraining), so that both
+# cores work from the start; the rest in order, each spreading its grid's runs over the cores.
+BESIDE_STAGE1 := notebooks/00_data.ipynb notebooks/01_fedavg.ipynb
+execute = echo "== $(1) ($(PROFILE))" && $(VENV)/bin/papermill --log-level WARNING $(2) $(1) book/$$(basename $(1)) -p profile $(PROFILE)
 book: setup
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb ($(PROFILE))"; \
-	  $(VENV)/bin/papermill --log-level WARNING --progress-bar $$nb book/$$(basename $$nb) -p profile $(PROFILE) || exit 1; \
+	@( for nb in $(BESIDE_STAGE1); do $(call execute,$$nb) || exit 1; done ) & beside=$$!; \
+	$(call execute,notebooks/02_stage1.ipynb,--progress-bar); status=$$?; wait $$beside && [ $$status = 0 ] || exit 1; \
+	for nb in $(filter-out $(BESIDE_STAGE1) notebooks/02_stage1.ipynb,$(NOTEBOOKS)); do \
+	  $(call execute,$$nb,--progress-bar) || exit 1; \
 	done
 	$(VENV)/bin/jupyter-book build --quiet book
 	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
