@@ -24,10 +24,11 @@ $(VENV)/.installed: pyproject.toml
 # Finished runs are reused (records under $(FL_CORE_RUNS)); interrupted ones resume.
 # 00_data and 01_fedavg (one run) execute beside 02_stage1 (one stage-1 pretraining), so that both
 # cores work from the start; the rest in order, each spreading its grid's runs over the cores.
+# (Only the notebook in front shows its progress bar.)
 BESIDE_STAGE1 := notebooks/00_data.ipynb notebooks/01_fedavg.ipynb
 execute = echo "== $(1) ($(PROFILE))" && $(VENV)/bin/papermill --log-level WARNING $(2) $(1) book/$$(basename $(1)) -p profile $(PROFILE)
 book: setup
-	@( for nb in $(BESIDE_STAGE1); do $(call execute,$$nb) || exit 1; done ) & beside=$$!; \
+	@( for nb in $(BESIDE_STAGE1); do $(call execute,$$nb,--no-progress-bar) || exit 1; done ) & beside=$$!; \
 	$(call execute,notebooks/02_stage1.ipynb,--progress-bar); status=$$?; wait $$beside && [ $$status = 0 ] || exit 1; \
 	for nb in $(filter-out $(BESIDE_STAGE1) notebooks/02_stage1.ipynb,$(NOTEBOOKS)); do \
 	  $(call execute,$$nb,--progress-bar) || exit 1; \
