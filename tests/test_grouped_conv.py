@@ -54,6 +54,17 @@ def test_grouped_conv_equals_torch_conv(geometry, dtype, monkeypatch):
         assert (a - b).abs().max() <= tolerance * b.abs().max(), name
 
 
+
+def test_a_one_channel_input_gives_a_channels_last_output():
+    """A single client's images (one channel) are contiguous and channels-last at once; the output is
+    channels-last, so a one-member bucket's layers run the kernels compiled for the others."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 6, 6, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    weight = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    y = grouped_conv2d(x, weight, 1, 1, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.allclose(y, torch_conv(x, weight, 1, 1, 1), rtol=1e-12, atol=1e-12)
+
 @NEEDS_CUDA
 def test_grouped_conv_under_bf16_autocast_is_rounded_like_cudnn():
     g = torch.Generator().manual_seed(0)

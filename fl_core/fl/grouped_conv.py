@@ -126,8 +126,10 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def _like_layout(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty tensor of ``shape`` in ``x``'s memory format (channels-last or contiguous)."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """An empty tensor of ``shape`` in ``x``'s memory format (channels-last or contiguous); channels-last
+    also where ``x`` is both (one channel: a single client's images), so that the layers after it stay
+    channels-last rather than each needing contiguous-layout kernels compiled too."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
     return torch.empty(shape, device=x.device, dtype=x.dtype,
                        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
