@@ -208,7 +208,9 @@ def time_variants(engine: Engine, clients: list[int], generators, device: torch.
         engine.cfg = dataclasses.replace(base, fl=dataclasses.replace(base.fl, **switches))
         engine.stacked_execution = resolve_stacked_execution(engine.cfg.fl, device)
         try:
-            engine.method.train_clients(engine, clients[:2], generators()[:2])  # warm-up
+            # warm-up; Triton compiles a kernel per new specialization (bucket sizes among them): the whole round
+            warm = len(clients) if kernel == "triton" else 2
+            engine.method.train_clients(engine, clients[:warm], generators()[:warm])
             seconds[key] = timed(device, lambda: engine.method.train_clients(engine, clients, generators()), n)
         except RuntimeError as error:  # reported, and the other combinations still timed
             print(f"(c) {key:<80} failed: {error}", flush=True)
