@@ -3,10 +3,11 @@
 #   1. fl_core's Triton grouped convolution equals cuDNN's (tests/test_grouped_conv.py), and clients
 #      trained together with it equal clients trained one by one, CUDA graphs included
 #      (tests/test_vectorized.py on FL_CORE_TEST_DEVICE, float64);
-#   2. how stacked clients' convolutions should run: cuDNN's grouped convolution vs the Triton kernels
-#      (benchmarks/stacked_conv.py, one graphed step of 8 ResNet-8s at width 1, channels-last);
-#   3. the vectorized loop at the paper's width under the graphed, channels-last switches
-#      (`round_speed.py --variants`: fl.precision x fl.grouped_conv), the peers' 10 local epochs;
+#   2. how stacked clients' convolutions should run: cuDNN's grouped convolution vs the Triton kernels,
+#      each also with the rest of the step under torch.compile (benchmarks/stacked_conv.py, one graphed
+#      bf16 step of 8 ResNet-8s at width 1, channels-last; fp32 Triton lost, 0.61x, on 2026-11-27);
+#   3. the vectorized loop at the paper's width under the graphed, channels-last, bf16 switches
+#      (`round_speed.py --variants`: fl.grouped_conv), the peers' 10 local epochs;
 #   4. the full peer protocol for FedAvg on MNIST-LT (20 clients, 8 per round, 200 rounds x 10 local
 #      epochs, batch 32, ResNet-8 at width 1, the whole test set), vectorized with the fastest
 #      switches of 3, timed from a cold Triton cache (its compiling counted);
@@ -33,12 +34,13 @@ FL_CORE_TEST_DEVICE=$DEVICE timeout 150 $PY -m pytest -q -p no:cacheprovider tes
   tests/test_vectorized.py -k "float32 or bf16 or refuses or stacked_resnet8 or triton" 2>&1 | tail -8
 
 echo "== 2. stacked convolutions on $DEVICE: cuDNN's grouped or Triton's"
-timeout 90 $PY benchmarks/stacked_conv.py --device "$DEVICE" --strategies grouped triton --layouts channels-last \
+timeout 120 $PY benchmarks/stacked_conv.py --device "$DEVICE" --strategies grouped triton grouped+compile triton+compile \
+  --precisions bf16 --layouts channels-last \
   2>&1 | grep -v -i warn | tee "$OUT/stacked_conv.txt"
 
 echo "== 3. the vectorized loop's switches on $DEVICE, $EPOCHS local epochs, ResNet-8 width 1"
-VARIANTS_WITH="fl.channels_last=on"
-[ "$DEVICE" = cuda ] && VARIANTS_WITH="fl.cuda_graphs=on fl.channels_last=on"
+VARIANTS_WITH="fl.channels_last=on fl.precision=bf16"
+[ "$DEVICE" = cuda ] && VARIANTS_WITH="fl.cuda_graphs=on fl.channels_last=on fl.precision=bf16"
 timeout 120 $PY benchmarks/round_speed.py --device "$DEVICE" --local-epochs "$EPOCHS" --variants --repeats 1 \
   --variants-with $VARIANTS_WITH --set model.width=1 2>&1 | grep -v -i warn | tee "$OUT/variants_width_1.txt"
 FASTEST=$(tail -1 "$OUT/variants_width_1.txt" | $PY -c "import json, sys; print(' '.join('--set ' + s for s in json.load(sys.stdin)['fastest']))" 2>/dev/null)

@@ -11,6 +11,7 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
   reads each client's channel block in place (``fl.grouped_conv=triton``),
 - ``grouped+compile``: grouped, with the forward pass and loss under ``torch.compile`` (inductor
   fuses BatchNorm, ReLU and the residual additions, forward and backward; compile time printed apart),
+- ``triton+compile``: the Triton convolutions with the rest under ``torch.compile`` likewise,
 
 in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
@@ -80,7 +81,7 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
     torch.manual_seed(0)
     dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: the same values, to measure rounding
     model = ResNet8(10, 1, width).to(device, dtype)
-    skeleton = stacked_skeleton(model, "triton" if strategy == "triton" else "native")
+    skeleton = stacked_skeleton(model, "triton" if strategy.startswith("triton") else "native")
     params = {n: p.detach().unsqueeze(0).repeat(clients, *[1] * p.dim()).requires_grad_(True)
               for n, p in model.named_parameters()}
     buffers = {n: b.unsqueeze(0).repeat(clients, *[1] * b.dim()) for n, b in model.named_buffers()}
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--strategies", nargs="*", default=None, metavar="NAME",
                         help="default: grouped, per_client, and on CUDA grouped+benchmark, per_client+streams and triton; "
-                             "grouped+compile only when named")
+                             "grouped+compile and triton+compile only when named")
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"],
                         choices=["contiguous", "channels-last"])
