@@ -65,6 +65,27 @@ def test_a_one_channel_input_gives_a_channels_last_output():
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert torch.allclose(y, torch_conv(x, weight, 1, 1, 1), rtol=1e-12, atol=1e-12)
 
+
+def test_torch_compile_traces_the_convolution_as_one_opaque_call():
+    """Under torch.compile (whole graph, no breaks) the forward pass and both gradients are eager's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2 * 3, 7, 7, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(2 * 4, 3, 3, 3, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+
+    def loss(x, weight):
+        return torch.relu(grouped_conv2d(x, weight, 2, 1, 2)).square().sum()
+
+    def value_and_grads(fn):
+        leaves = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        value = fn(*leaves)
+        return value, *torch.autograd.grad(value, leaves)
+
+    torch._dynamo.reset()
+    compiled = value_and_grads(torch.compile(loss, backend="aot_eager", fullgraph=True))
+    for name, a, b in zip(("loss", "input gradient", "weight gradient"), compiled, value_and_grads(loss)):
+        assert torch.equal(a, b), name
+
 @NEEDS_CUDA
 def test_grouped_conv_under_bf16_autocast_is_rounded_like_cudnn():
     g = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ summation order from run to run).
 
 ``grouped_conv2d`` is ``F.conv2d`` without bias or dilation, any stride and zero padding, on CUDA
 (or, for tests, Triton's CPU interpreter: ``TRITON_INTERPRET=1`` set before this module is imported).
+It and its two gradients are the custom operators ``fl_core::grouped_conv2d*``.
 """
 
 from __future__ import annotations
@@ -188,23 +189,56 @@ def _weight_grad(dy, x, weight, stride, padding, groups):
     return dw
 
 
-class _GroupedConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry = (stride, padding, groups)
-        n, _, _, p, q, _, cout, _, _ = _geometry(x, weight, stride, padding, groups)
-        y = _like_layout(x, (n, groups * cout, p, q))
-        return _convolve(x, weight, y, stride, padding, groups, transposed=False)
+# Custom operators rather than an autograd.Function around the launches: torch.compile treats them as
+# opaque calls (their fake versions give shapes and layouts) and fuses the work around them.
+@torch.library.custom_op("fl_core::grouped_conv2d", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+    return _convolve(x, weight, _conv_output(x, weight, stride, padding, groups), stride, padding, groups,
+                     transposed=False)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = _convolve(dy, weight, _like_layout(dy, tuple(x.shape)), *ctx.geometry, transposed=True)
-        dw = _weight_grad(dy, x, weight, *ctx.geometry) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None
+
+@_conv_op.register_fake
+def _conv_output(x, weight, stride, padding, groups):
+    n, _, _, p, q, _, cout, _, _ = _geometry(x, weight, stride, padding, groups)
+    return _like_layout(x, (n, groups * cout, p, q))
+
+
+@torch.library.custom_op("fl_core::grouped_conv2d_input_grad", mutates_args=())
+def _input_grad_op(dy: torch.Tensor, weight: torch.Tensor, input_shape: list[int], stride: int, padding: int,
+                   groups: int) -> torch.Tensor:
+    return _convolve(dy, weight, _like_layout(dy, tuple(input_shape)), stride, padding, groups, transposed=True)
+
+
+@_input_grad_op.register_fake
+def _(dy, weight, input_shape, stride, padding, groups):
+    return _like_layout(dy, tuple(input_shape))
+
+
+@torch.library.custom_op("fl_core::grouped_conv2d_weight_grad", mutates_args=())
+def _weight_grad_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
+                    groups: int) -> torch.Tensor:
+    return _weight_grad(dy, x, weight, stride, padding, groups)
+
+
+@_weight_grad_op.register_fake
+def _(dy, x, weight, stride, padding, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _save_inputs(ctx, inputs, output):
+    x, weight, stride, padding, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.geometry = (stride, padding, groups)
+
+
+def _conv_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx = _input_grad_op(dy, weight, list(x.shape), *ctx.geometry) if ctx.needs_input_grad[0] else None
+    dw = _weight_grad_op(dy, x, weight, *ctx.geometry) if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None, None
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_save_inputs)
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -225,4 +259,4 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, paddi
         raise ValueError(f"grouped_conv2d: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not "
                          f"match groups={groups}")
     with torch.autocast(x.device.type, enabled=False):
-        return _GroupedConv2d.apply(x, weight, stride, padding, groups)
+        return _conv_op(x, weight, stride, padding, groups)
