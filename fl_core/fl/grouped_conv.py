@@ -116,10 +116,16 @@ def _block(size: int, low: int = 16, high: int = 128) -> int:
     return max(low, min(high, triton.next_power_of_2(size)))
 
 
+def _accumulator(t: torch.Tensor) -> torch.dtype:
+    """The type the kernels sum products of inputs like ``t`` in: float64 for float64, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _arithmetic(t: torch.Tensor) -> dict:
     """The kernels' dot-product precision and accumulator type for inputs like ``t``."""
     tf32 = t.device.type == "cuda" and t.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    return {"PRECISION": "tf32" if tf32 else "ieee", "ACC": tl.float64 if t.dtype == torch.float64 else tl.float32}
+    accumulator = tl.float64 if _accumulator(t) == torch.float64 else tl.float32
+    return {"PRECISION": "tf32" if tf32 else "ieee", "ACC": accumulator}
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -177,20 +183,20 @@ def _weight_grad(dy, x, weight, stride, padding, groups):
     splits = max(1, min(triton.cdiv(264, tiles), triton.cdiv(m, 256)))
     chunk = triton.cdiv(triton.cdiv(m, splits), bk) * bk
     splits = triton.cdiv(m, chunk)
-    partial = torch.empty((splits, groups, r, s, cout, cin), device=x.device,
-                          dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    partial = torch.empty((splits, groups, r, s, cout, cin), device=x.device, dtype=_accumulator(x))
     grid = (triton.cdiv(cout, bm) * triton.cdiv(cin, bn), r * s, groups * splits)
     _weight_grad_kernel[grid](dy, x, partial, m, h, w, p, q, cin, cout, chunk, splits, *_strides(dy), *_strides(x),
                               *_strides(partial), R=r, S=s, STRIDE=stride, PAD=padding, BM=bm, BN=bn, BK=bk,
                               **_arithmetic(x), num_warps=4, num_stages=3)
     summed = partial[0] if splits == 1 else partial.sum(0)  # (G, R, S, COUT, CIN)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dw = _weight_grad_output(dy, x, weight, stride, padding, groups)
     dw.view(groups, cout, cin, r, s).copy_(summed.permute(0, 3, 4, 1, 2))
     return dw
 
 
 # Custom operators rather than an autograd.Function around the launches: torch.compile treats them as
-# opaque calls (their fake versions give shapes and layouts) and fuses the work around them.
+# opaque calls (their fake versions give shapes and layouts) and fuses the work around them. Each
+# fake version is also what allocates the real output, so the two cannot disagree.
 @torch.library.custom_op("fl_core::grouped_conv2d", mutates_args=())
 def _conv_op(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
     return _convolve(x, weight, _conv_output(x, weight, stride, padding, groups), stride, padding, groups,
@@ -206,11 +212,12 @@ def _conv_output(x, weight, stride, padding, groups):
 @torch.library.custom_op("fl_core::grouped_conv2d_input_grad", mutates_args=())
 def _input_grad_op(dy: torch.Tensor, weight: torch.Tensor, input_shape: list[int], stride: int, padding: int,
                    groups: int) -> torch.Tensor:
-    return _convolve(dy, weight, _like_layout(dy, tuple(input_shape)), stride, padding, groups, transposed=True)
+    return _convolve(dy, weight, _input_grad_output(dy, weight, input_shape, stride, padding, groups), stride,
+                     padding, groups, transposed=True)
 
 
 @_input_grad_op.register_fake
-def _(dy, weight, input_shape, stride, padding, groups):
+def _input_grad_output(dy, weight, input_shape, stride, padding, groups):
     return _like_layout(dy, tuple(input_shape))
 
 
@@ -221,7 +228,7 @@ def _weight_grad_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, str
 
 
 @_weight_grad_op.register_fake
-def _(dy, x, weight, stride, padding, groups):
+def _weight_grad_output(dy, x, weight, stride, padding, groups):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
