@@ -45,7 +45,7 @@ SWITCHES = ("auto", "on", "off")
 GROUPED_CONV = ("auto", "native", "triton")
 PRECISIONS = ("fp32", "bf16")
 # settings that change how a run executes, not its results (left out of the fingerprint)
-EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last", "fl.grouped_conv")
+EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last", "fl.grouped_conv", "fl.compile")
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
 FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0}
@@ -103,6 +103,9 @@ class FLConfig:
     # their grouped convolutions: torch's (cuDNN, oneDNN), or fl_core's Triton kernels (CUDA only);
     # auto: torch's
     grouped_conv: str = "auto"
+    # their recurring step's forward pass and loss under torch.compile (inductor fuses BatchNorm,
+    # ReLU and the residual additions); auto: off
+    compile: str = "auto"
     # local training's arithmetic: fp32, or bf16 autocast of the forward pass (changes results)
     precision: str = "fp32"
 
@@ -340,11 +343,15 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
     _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)
     _choice("fl.grouped_conv", cfg.fl.grouped_conv, GROUPED_CONV)
+    _choice("fl.compile", cfg.fl.compile, SWITCHES)
     _choice("fl.precision", cfg.fl.precision, PRECISIONS)
     if cfg.fl.cuda_graphs == "on" and cfg.device == "cpu":
         raise ValueError("fl.cuda_graphs=on needs a CUDA device, but device=cpu; use fl.cuda_graphs=auto or off")
     if cfg.fl.grouped_conv == "triton" and cfg.device == "cpu":
         raise ValueError("fl.grouped_conv=triton needs a CUDA device, but device=cpu; use fl.grouped_conv=auto or native")
+    if cfg.fl.compile == "on" and cfg.fl.client_training == "sequential":
+        raise ValueError("fl.compile=on compiles the step of clients trained together, but fl.client_training="
+                         "sequential; use fl.client_training=vectorized (or auto on CUDA), or fl.compile=auto or off")
     _choice("profile", cfg.profile, PROFILES)
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
     if not d.alpha > 0:

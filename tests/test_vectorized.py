@@ -36,7 +36,12 @@ EXECUTIONS = [pytest.param({"channels_last": False}, id="contiguous"),
               # test_grouped_conv.py checks one stacked step there)
               pytest.param({"grouped_conv": "triton", "channels_last": True}, id="triton", marks=NEEDS_CUDA),
               pytest.param({"grouped_conv": "triton", "cuda_graphs": True, "channels_last": True}, id="graphs_triton",
-                           marks=NEEDS_CUDA)]
+                           marks=NEEDS_CUDA),
+              # the recurring step under torch.compile: traced and run by aot_eager on a CPU (inductor
+              # would take a minute to compile there), inductor on a GPU
+              pytest.param({"compile_backend": "aot_eager"}, id="compiled"),
+              pytest.param({"compile_backend": "inductor", "cuda_graphs": True, "channels_last": True},
+                           id="graphs_compiled_inductor", marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
@@ -50,8 +55,10 @@ def test_vectorized_clients_equal_sequential_ones(momentum, weight_decay, prox_m
     device = TEST_DEVICE
     normalize = ImagePipeline.normalize
     monkeypatch.setattr(ImagePipeline, "normalize", lambda self, images: normalize(self, images).double())
-    # sizes give different step counts and short last batches (37 = 16+16+5, 16, 50 = 3*16+2, 5)
-    clients = [data.to(device) for data in clients_of_sizes([37, 16, 50, 5])]
+    # sizes give different step counts and short last batches (37 = 16+16+5, 16, 50 = 3*16+2, 5); the
+    # compiled step is every client's with a full batch, so there the smallest client has 21 = 16+5
+    sizes = [37, 16, 50, 21 if "compile_backend" in execution else 5]
+    clients = [data.to(device) for data in clients_of_sizes(sizes)]
     pipe = ImagePipeline((0.5,), (0.5,), crop_padding=1)
     torch.manual_seed(0)
     model = ResNet8(3, 1, 0.125).double().to(device)
@@ -145,6 +152,39 @@ def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_c
         tiny_config(fl__grouped_conv="triton", device="cpu")
     with pytest.raises(ValueError, match="fl.grouped_conv='cudnn' is not valid; choose one of: auto, native, triton"):
         tiny_config(fl__grouped_conv="cudnn")
+
+
+def test_the_recurring_step_compiles_once_per_run_and_only_it(monkeypatch):
+    """``compile_backend``: only the step of every client with a full batch is compiled, once; later
+    steps and rounds reuse it (a compile per round or per bucket shape would cost more than it saves)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph_module.forward
+
+    clients = clients_of_sizes([37, 16, 50, 21])  # buckets of 4, 3, 2 and 1 members, full and short batches
+    pipe = ImagePipeline((0.5,), (0.5,), crop_padding=1)
+    model = ResNet8(3, 1, 0.125)
+    for round_seed in range(2):  # settings made anew each round, as the engine does
+        sgd = SGDSettings(epochs=2, batch_size=16, lr=0.05)
+        train_clients_vectorized(model, clients, pipe, [torch.Generator().manual_seed(round_seed * 10 + k) for k in range(4)],
+                                 sgd, compile_backend=counting_backend)
+    assert len(graphs) == 1
+    assert (16, 4 * 1, 12, 12) in graphs[0]  # the stacked images of 4 members, 16 each
+
+
+def test_compile_is_validated_resolved_and_left_out_of_the_fingerprint(tiny_config):
+    base = tiny_config(fl__client_training="vectorized")
+    assert tiny_config(fl__client_training="vectorized", fl__compile="on").fingerprint() == base.fingerprint()
+    with pytest.raises(ValueError, match="fl.compile='yes' is not valid; choose one of: auto, off, on"):
+        tiny_config(fl__compile="yes")
+    with pytest.raises(ValueError, match="fl.compile=on compiles the step of clients trained together"):
+        tiny_config(fl__compile="on", fl__client_training="sequential")
+    for switch, backend in (("on", "inductor"), ("auto", None), ("off", None)):
+        fl = tiny_config(fl__client_training="vectorized", fl__compile=switch).fl
+        assert resolve_stacked_execution(fl, torch.device("cpu"))["compile_backend"] == backend
 
 
 def test_triton_convolutions_need_cuda_and_triton(tiny_config, monkeypatch):

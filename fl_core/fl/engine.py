@@ -55,8 +55,8 @@ def resolve_client_training(mode: str, device: torch.device) -> bool:
 
 def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool | str]:
     """How clients trained together run on ``device``: ``fl.cuda_graphs`` (auto: on CUDA),
-    ``fl.channels_last`` (auto: on CPU) and ``fl.grouped_conv`` (auto: torch's kernels); keyword
-    arguments of ``train_clients_vectorized``."""
+    ``fl.channels_last`` (auto: on CPU), ``fl.grouped_conv`` (auto: torch's kernels) and
+    ``fl.compile`` (auto: off); keyword arguments of ``train_clients_vectorized``."""
     if fl.cuda_graphs == "on" and device.type != "cuda":
         raise ValueError(f"fl.cuda_graphs=on needs a CUDA device, but the run's device is {device.type}; "
                          "use fl.cuda_graphs=auto or off")
@@ -72,7 +72,8 @@ def resolve_stacked_execution(fl, device: torch.device) -> dict[str, bool | str]
 
     return {"cuda_graphs": switch(fl.cuda_graphs, device.type == "cuda"),
             "channels_last": switch(fl.channels_last, device.type == "cpu"),
-            "grouped_conv": "native" if fl.grouped_conv == "auto" else fl.grouped_conv}
+            "grouped_conv": "native" if fl.grouped_conv == "auto" else fl.grouped_conv,
+            "compile_backend": "inductor" if fl.compile == "on" else None}
 
 
 class Engine:

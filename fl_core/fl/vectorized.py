@@ -44,6 +44,7 @@ def train_clients_vectorized(
     cuda_graphs: bool = False,
     channels_last: bool | None = None,
     grouped_conv: str = "native",
+    compile_backend: str | Callable | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], LocalStats]]:
     """Local SGD of every client in ``clients`` from ``model``'s weights (left unchanged), with the
     semantics of ``local_sgd`` (plain SGD with optional momentum, weight decay and FedProx).
@@ -54,7 +55,11 @@ def train_clients_vectorized(
 
     ``cuda_graphs`` replays recurring steps from CUDA graphs (CUDA only); ``channels_last`` lays
     out the stacked batches channels-last (default: on CPU only); ``grouped_conv`` picks the
-    convolution kernels (``stacked_skeleton``). None changes the arithmetic, only its rounding.
+    convolution kernels (``stacked_skeleton``); ``compile_backend`` names a ``torch.compile``
+    backend (e.g. ``"inductor"``) for the forward pass and loss of the recurring step (every client,
+    a full batch), compiled on its first call and reused by later rounds and runs of the same shapes;
+    other steps stay eager, since each new shape would cost a compile. None changes the arithmetic,
+    only its rounding.
 
     Returns each client's ``(state_dict, LocalStats)`` in the order given.
     """
@@ -72,13 +77,13 @@ def train_clients_vectorized(
     anchor = {n: t.clone() for n, t in params.items()} if sgd.prox_mu > 0 else None
     velocity = {n: torch.zeros_like(t) for n, t in params.items()} if sgd.momentum else None
 
+    compiled = None if compile_backend is None else _compiled_logits_and_losses(compile_backend)
+
     def batched_loss(p, b, x, y, idx):
         """Each member's mean cross-entropy (what is reported) and its training objective (plus the
         extra term); ``x`` in the stacked layout, ``y`` and ``idx`` (members, batch)."""
-        with sgd.autocast(x.device):
-            _, logits = functional_call(skeleton, (p, b), (x,))
-        logits = per_client(full_precision(logits), len(y))
-        losses = F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
+        recurring = compiled is not None and y.shape == (num, sgd.batch_size)
+        logits, losses = (compiled if recurring else _logits_and_losses)(skeleton, p, b, x, y, sgd)
         return losses, losses if extra_loss is None else losses + extra_loss(logits, idx)
 
     plans = [plan_client_steps(len(data), pipeline, gen, epochs=sgd.epochs, batch_size=sgd.batch_size, device=device)
@@ -129,6 +134,23 @@ def train_clients_vectorized(
          LocalStats(num_samples=len(clients[k]), steps=steps[k], mean_loss=loss_totals[k] / max(steps[k], 1)))
         for k in range(num)
     ]
+
+
+def _logits_and_losses(skeleton: nn.Module, p: dict, b: dict, x: torch.Tensor, y: torch.Tensor, sgd: SGDSettings):
+    """The stacked forward pass: each member's logits ``(members, batch, classes)`` in full precision
+    and its mean cross-entropy ``(members,)``."""
+    with sgd.autocast(x.device):
+        _, logits = functional_call(skeleton, (p, b), (x,))
+    logits = per_client(full_precision(logits), len(y))
+    losses = F.cross_entropy(logits.reshape(y.numel(), -1), y.reshape(-1), reduction="none").view_as(y).mean(1)
+    return logits, losses
+
+
+@functools.cache
+def _compiled_logits_and_losses(backend: str | Callable):
+    # Fixed shapes: the recurring step's shapes never change within a run, and dynamic shapes would
+    # lose the convolutions' layout specializations.
+    return torch.compile(_logits_and_losses, backend=backend, dynamic=False)
 
 
 def _member_batches(members) -> tuple[torch.Tensor, torch.Tensor | None]:
