@@ -47,7 +47,7 @@ book: $(VENV)/.installed-book
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir).
 test: setup
 	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q tests
-	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env -p no:cacheprovider notebooks
+	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval-sanitize.cfg -p no:cacheprovider notebooks
 
 # Client-loop speed against the peers' way (issue 8); prints a table and one JSON line.
 bench: setup

@@ -108,9 +108,10 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path, monk
         assert a["client_flops"] == b["client_flops"] and a["upload_bytes"] == b["upload_bytes"]
     # float32 rounding differs between the two (see above): close, not bitwise equal
     assert vec["final"]["top1"] == pytest.approx(seq["final"]["top1"], abs=0.02)
-    for key in weights["sequential"]:
-        gap = (weights["sequential"][key].float() - weights["vectorized"][key].float()).abs().max().item()
-        assert gap <= 0.05, f"{key}: max |difference| {gap}"
+    for key in weights["sequential"]:  # within 5% of the tensor's scale (running variances grow past 1)
+        a, b = weights["sequential"][key].float(), weights["vectorized"][key].float()
+        gap, scale = (a - b).abs().max().item(), max(1.0, a.abs().max().item())
+        assert gap <= 0.05 * scale, f"{key}: max |difference| {gap}, largest |value| {scale}"
 
 
 def test_creff_clients_trained_together_equal_one_after_another(tiny_config, tmp_path):
