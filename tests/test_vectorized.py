@@ -155,7 +155,7 @@ def test_execution_switches_are_validated_and_left_out_of_the_fingerprint(tiny_c
         tiny_config(fl__grouped_conv="cudnn")
 
 
-def test_the_recurring_step_compiles_once_per_run_and_only_it(monkeypatch):
+def test_the_recurring_step_compiles_once_per_run_and_only_it():
     """``compile_backend``: only the step of every client with a full batch is compiled, once; later
     steps and rounds reuse it (a compile per round or per bucket shape would cost more than it saves)."""
     torch._dynamo.reset()
