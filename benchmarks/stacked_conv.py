@@ -13,7 +13,9 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
   fuses BatchNorm, ReLU and the residual additions, forward and backward; compile time printed apart),
 - ``triton+compile``: the Triton convolutions with the rest under ``torch.compile`` likewise,
 
-in fp32 and bf16 autocast, contiguous and channels-last. On CUDA each step is captured as a CUDA
+in fp32 and bf16 autocast, contiguous and channels-last. ``--traffic`` adds what the fp32 grouped
+step does per second: FLOPs against the machine's matmul peak, and the bytes its operations read and
+write against the bandwidth of a plain copy (``OperationTraffic``). On CUDA each step is captured as a CUDA
 graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
 Prints milliseconds per step, the ratio against ``grouped`` in the same layout and precision, and
 how far the step's weight gradients are from grouped's (largest difference over the largest gradient
@@ -26,7 +28,7 @@ an H100 grouped is the fastest in every layout and precision; on 2 CPU cores per
 0.67-0.71x grouped at width 0.125 and 1.00-1.04x at width 1. So the engine keeps grouped
 convolutions.
 
-    python benchmarks/stacked_conv.py --device cuda [--clients 8] [--batch 32] [--width 1]
+    python benchmarks/stacked_conv.py --device cuda [--clients 8] [--batch 32] [--width 1] [--threads N] [--traffic]
 """
 
 from __future__ import annotations
@@ -34,15 +36,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fl_core.allocator import keep_freed_memory
 from fl_core.fl.stacked import _StackedConv2d, stacked_skeleton
+from fl_core.metrics import training_flops_per_image
 from fl_core.models import ResNet8
 
 
@@ -74,10 +81,9 @@ def gradient_distance(grads: list[torch.Tensor], reference: list[torch.Tensor]) 
                for g, r in zip(grads, reference))
 
 
-def time_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool,
-              repeats: int) -> tuple[float, list[torch.Tensor]]:
-    """Seconds per forward+backward step of the stacked model (mean over ``repeats``), and the
-    step's weight gradients (the same every step: the weights are not updated)."""
+def make_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool):
+    """One forward+backward step of ``clients`` stacked ResNet-8s on a fixed random batch: a function
+    returning the weight gradients (the weights are not updated), and one client's plain model."""
     torch.manual_seed(0)
     dtype = torch.float64 if precision == "fp64" else torch.float32  # fp64: the same values, to measure rounding
     model = ResNet8(10, 1, width).to(device, dtype)
@@ -97,10 +103,14 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
         return F.cross_entropy(logits.to(dtype).view(batch, clients, -1).transpose(0, 1).reshape(-1, 10), y)
 
     loss = torch.compile(loss_of, dynamic=False) if strategy.endswith("compile") else loss_of
+    return (lambda: torch.autograd.grad(loss(), weights)), model
 
-    def step():
-        return torch.autograd.grad(loss(), weights)
 
+def time_step(device, clients: int, batch: int, width: float, strategy: str, precision: str, channels_last: bool,
+              repeats: int) -> tuple[float, list[torch.Tensor]]:
+    """Seconds per forward+backward step of the stacked model (mean over ``repeats``), and the
+    step's weight gradients (the same every step: the weights are not updated)."""
+    step, _ = make_step(device, clients, batch, width, strategy, precision, channels_last)
     cuda = device.type == "cuda"
     patch = contextlib.nullcontext()
     if strategy.startswith("per_client"):
@@ -142,6 +152,99 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
         torch.backends.cudnn.benchmark = benchmark
 
 
+class OperationTraffic(TorchDispatchMode):
+    """Bytes each dispatched operation reads and writes: its distinct input tensors and its distinct
+    output tensors, each once (an in-place operation's tensor is read and written). Views and
+    allocations move nothing and are left out. So this is what an unfused implementation moves at least if no tensor
+    stayed in cache from one operation to the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs, outputs = _distinct_tensors((args, kwargs or {})), _distinct_tensors(out)
+        # an out-of-place operation whose outputs live in its inputs' storage is a view (_unsafe_view)
+        aliasing = not func._schema.is_mutable and {k[0] for k in outputs} <= {k[0] for k in inputs}
+        metadata_only = func.is_view or torch.Tag.inplace_view in func.tags or func.overloadpacket in _ALLOCATIONS
+        if outputs and not aliasing and not metadata_only:
+            name = str(func.overloadpacket)
+            self.bytes[name] = self.bytes.get(name, 0) + sum(inputs.values()) + sum(outputs.values())
+        return out
+
+
+_ALLOCATIONS = (torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided)  # touch no memory
+
+
+def _distinct_tensors(tree) -> dict[tuple, int]:
+    """{(storage, offset, shape): bytes} of the tensors in ``tree``."""
+    return {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t.numel() * t.element_size()
+            for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+def copy_bandwidth(device, nbytes: int, repeats: int = 20) -> float:
+    """Bytes per second a plain copy of ``nbytes`` reads and writes (best of ``repeats``)."""
+    src = torch.empty(nbytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        _sync(device)
+        tic = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - tic)
+    return 2 * src.numel() * 4 / best
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_traffic(device, clients: int, batch: int, width: float, channels_last: bool, seconds: float) -> dict:
+    """What one fp32 grouped step of ``seconds`` does per second: FLOPs (counted on one client's
+    model: ``FlopCounterMode`` counts a grouped convolution's weight gradient ``groups`` times over in
+    torch 2.14) and the bytes its operations move (``OperationTraffic``)."""
+    step, model = make_step(device, clients, batch, width, "grouped", "fp32", channels_last)
+    step()
+    counter = OperationTraffic()
+    with counter:
+        step()
+    flops = training_flops_per_image(model, (1, 28, 28)) * clients * batch
+    moved = sum(counter.bytes.values())
+    return {"gflop_per_step": flops / 1e9, "mb_per_step": moved / 1e6, "gflops_per_second": flops / seconds / 1e9,
+            "gb_per_second": moved / seconds / 1e9,
+            "mb_by_operation": {k: v / 1e6 for k, v in sorted(counter.bytes.items(), key=lambda kv: -kv[1])}}
+
+
+def machine_traffic(device, args, results: dict) -> dict:
+    """``step_traffic`` of every timed fp32 grouped layout, printed against the machine's fp32 matmul
+    peak (``round_speed.matmul_flops_per_second``) and copy bandwidth (at the size of the step's largest
+    activation, and at 256 MB, beyond any cache)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from round_speed import matmul_flops_per_second
+
+    peak = max(matmul_flops_per_second(device).values())
+    largest = args.batch * args.clients * max(1, round(64 * args.width)) * 28 * 28 * 4
+    bandwidth = {"activation": copy_bandwidth(device, largest), "256 MB": copy_bandwidth(device, 256 * 2**20, 5)}
+    print(f"machine: fp32 matmul {peak / 1e9:.1f} GFLOP/s; copy {bandwidth['activation'] / 1e9:.1f} GB/s at "
+          f"{largest / 1e6:.1f} MB, {bandwidth['256 MB'] / 1e9:.1f} GB/s at 256 MB (read + written)")
+    layouts = {}
+    for layout in args.layouts:
+        key = f"fp32 {layout} grouped"
+        if key not in results:
+            continue
+        t = layouts[layout] = step_traffic(device, args.clients, args.batch, args.width, layout == "channels-last",
+                                           results[key])
+        top = ", ".join(f"{name.removeprefix('aten.')} {mb:.0f}" for name, mb in list(t["mb_by_operation"].items())[:4])
+        print(f"{key:<44}{t['gflop_per_step']:.2f} GFLOP, {t['gflops_per_second']:.1f} GFLOP/s "
+              f"({t['gflops_per_second'] * 1e9 / peak:.0%} of peak); its operations move {t['mb_per_step']:.0f} MB, "
+              f"{t['gb_per_second']:.1f} GB/s ({t['gb_per_second'] * 1e9 / bandwidth['256 MB']:.0%} of the 256 MB copy's); "
+              f"MB by operation: {top}")
+    return {"matmul_gflops": peak / 1e9, "copy_gb_per_second": {k: v / 1e9 for k, v in bandwidth.items()}, "steps": layouts}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -155,15 +258,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--layouts", nargs="*", default=["contiguous", "channels-last"],
                         choices=["contiguous", "channels-last"])
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (0: its default, one per core)")
+    parser.add_argument("--traffic", action="store_true",
+                        help="also: FLOP/s and bytes/s of the fp32 grouped step against the machine's matmul peak and copy bandwidth")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     malloc = keep_freed_memory()  # as the engine does
     cuda = device.type == "cuda"
     strategies = args.strategies or ["grouped", "per_client"] + (["grouped+benchmark", "per_client+streams", "triton"]
                                                                   if cuda else [])
     print(f"{args.clients} stacked ResNet-8s at width {args.width}, batch {args.batch} each, 28x28x1, "
           f"one forward+backward step on {torch.cuda.get_device_name(device) if cuda else 'CPU'}"
-          f"{' (CUDA graph replays)' if cuda else ''}, malloc {malloc}")
+          f"{' (CUDA graph replays)' if cuda else f', torch threads {torch.get_num_threads()}'}, malloc {malloc}")
     results, differences, reference, gradients = {}, {}, {}, {}
     for precision in args.precisions:
         for channels_last in [layout == "channels-last" for layout in args.layouts]:
@@ -191,8 +299,10 @@ def main(argv=None) -> dict:
         print(f"float32 rounding at this size: contiguous grouped fp32 gradients {rounding:.1e} from float64's")
     fastest = min(results, key=results.get)
     summary = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "clients": args.clients,
-               "batch": args.batch, "width": args.width, "malloc": malloc, "seconds_per_step": results, "fastest": fastest,
+               "batch": args.batch, "width": args.width, "threads": torch.get_num_threads(), "malloc": malloc, "seconds_per_step": results, "fastest": fastest,
                "gradient_difference": differences, "float32_rounding": rounding}
+    if args.traffic:
+        summary["traffic"] = machine_traffic(device, args, results)
     print(json.dumps(summary))
     return summary
 
