@@ -110,6 +110,15 @@ def test_same_config_same_record(tiny_config, tmp_path):
     assert first["rounds"][0]["clients"] == client_schedule(cfg.seed, 6, 3, 2)[0].tolist()
 
 
+def test_the_record_names_the_commit_found_once_per_run(tiny_config, tmp_path, monkeypatch):
+    lookups = []
+    monkeypatch.setattr("fl_core.fl.engine.git_commit", lambda: lookups.append(1) or {"commit": "abc", "dirty": True})
+    record = run_experiment(tiny_config(), tmp_path / "run", progress=False)
+    assert (record["commit"], record["dirty"]) == ("abc", True)
+    assert len(lookups) == 1  # not two git processes per round
+    assert load_record(tmp_path / "run")["commit"] == "abc"
+
+
 @pytest.mark.slow
 def test_fedprox_runs_and_differs_from_fedavg(tiny_config):
     fedavg = run_experiment(tiny_config(), progress=False)

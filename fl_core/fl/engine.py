@@ -10,6 +10,7 @@ record. ``start`` / ``complete_round`` / ``finish`` let another driver (``fl_cor
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import time
 from datetime import datetime, timezone
@@ -182,6 +183,11 @@ class Engine:
         write_json(self.run_dir / RECORD_NAME, record)
         return record
 
+    @functools.cached_property
+    def _code_and_device(self) -> dict:
+        """The record's commit and device, found once per process (git runs twice per lookup)."""
+        return {**git_commit(), "device": device_description(self.device)}
+
     def _record(self, status: str) -> dict:
         cfg, rounds = self.cfg, self._rounds
         final = self._last_metrics if status == "complete" else None
@@ -197,8 +203,7 @@ class Engine:
             "config": cfg.to_dict(),
             "arch": self.arch,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
-            **git_commit(),
-            "device": device_description(self.device),
+            **self._code_and_device,
             "runner": self.runner,
             "client_training": "vectorized" if together else "sequential",
             "stacked_execution": self.stacked_execution if together else None,
