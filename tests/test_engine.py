@@ -26,7 +26,7 @@ def stable(record):
     record = json.loads(json.dumps(record))
     record.pop("timing"), record.pop("_path", None)
     for entry in record["rounds"]:
-        entry.pop("seconds")
+        entry.pop("seconds"), entry.pop("seconds_by_part")
     return record
 
 
@@ -100,6 +100,10 @@ def test_same_config_same_record(tiny_config, tmp_path):
     second = run_experiment(cfg, tmp_path / "b", progress=False)
     assert stable(first) == stable(second)
     assert first["status"] == "complete" and len(first["rounds"]) == cfg.fl.rounds
+    for entry in first["rounds"]:
+        parts = entry["seconds_by_part"]
+        assert set(parts) == {"clients", "server", "evaluation"} and min(parts.values()) > 0
+        assert sum(parts.values()) == pytest.approx(entry["seconds"])
     final = first["final"]
     assert 0 <= final["top1"] <= 1 and len(final["per_class"]) == 10
     model = ResNet8(10, 1, 0.125)

@@ -148,12 +148,15 @@ class Engine:
             self._resumed = checkpoint["resumed"] + [len(self._rounds)]
 
     def complete_round(self, r: int, results: list, tic: float, failed: dict[int, str] | None = None) -> dict:
-        """Aggregate the clients' results of round ``r``, do the server's work, evaluate, record and
-        checkpoint. ``failed`` names clients that were sampled but did not report (and why)."""
+        """Aggregate the clients' results of round ``r`` (a round that started at ``tic``), do the
+        server's work, evaluate, record and checkpoint. ``failed`` names clients that were sampled but
+        did not report (and why)."""
         if not results:
             raise RuntimeError(f"round {r}: no client reported back (failed: {failed}); nothing to aggregate")
+        clients_done = time.perf_counter()
         self.method.aggregate(self, results)
         server = self.method.after_aggregation(self, r)
+        server_done = time.perf_counter()
         entry = {
             "round": r,
             "clients": [res.client_id for res in results],
@@ -167,7 +170,12 @@ class Engine:
         if r % self.cfg.fl.eval_every == 0 or r == self.cfg.fl.rounds:
             self._last_metrics = self.evaluate()
             entry.update({k: self._last_metrics[k] for k in ("top1", *GROUP_NAMES)})
-        entry["seconds"] = time.perf_counter() - tic
+        done = time.perf_counter()
+        entry["seconds"] = done - tic
+        # where the round's time went: the clients' training (or, on Flower, waiting for them), the
+        # server's aggregation and method work, and evaluation (checkpoint writing comes after)
+        entry["seconds_by_part"] = {"clients": clients_done - tic, "server": server_done - clients_done,
+                                    "evaluation": done - server_done}
         self._elapsed += entry["seconds"]
         self._rounds.append(entry)
         state = {"fingerprint": self.cfg.fingerprint(), "config": self.cfg.to_dict(), "model": self.model.state_dict(),
