@@ -52,7 +52,7 @@ TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout $LIMI
   --set fl.client_training=vectorized --set fl.rounds="$ROUNDS" --set fl.local_epochs="$EPOCHS" --set model.width=1 \
   --set data.test_limit=0 $FASTEST 2>"$OUT/peer_protocol.log" | tail -1
 echo "exit ${PIPESTATUS[0]}, wall $((SECONDS - START)) s"
-tail -c 600 "$OUT/peer_protocol.log"
+tail -c 600 "$OUT/peer_protocol.log"; echo
 $PY -c "import json, statistics; rounds = json.load(open('$OUT/peer_protocol/record.json'))['rounds']
 print(len(rounds), 'rounds; median seconds per round', {part: round(statistics.median(e['seconds_by_part'][part] for e in rounds), 3)
       for part in ('clients', 'server', 'evaluation')}, 'of', round(statistics.median(e['seconds'] for e in rounds), 3))" 2>&1 | tail -1
