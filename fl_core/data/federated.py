@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fl_core.config import DATASETS, ExperimentConfig
+from fl_core.config import ExperimentConfig, dataset_facts
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import Dataset, ImageSplit, load_dataset
 from fl_core.data.groups import class_groups
@@ -65,7 +65,7 @@ def build_federated_data(cfg: ExperimentConfig, device: torch.device | str = "cp
         seed=cfg.seed,
         method=d.partition,
         min_client_size=d.min_client_size,
-        long_tail=not DATASETS[d.dataset].already_long_tailed,
+        long_tail=not dataset_facts(d).already_long_tailed,
     )
     empty = [k for k, idx in enumerate(indices) if len(idx) == 0]
     if empty:

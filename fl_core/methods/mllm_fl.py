@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fl_core.config import DATASETS, ExperimentConfig
+from fl_core.config import IMAGE_FOLDER, ExperimentConfig, dataset_facts
+from fl_core.data.folders import image_folder_signature
 from fl_core.fl.sampling import client_generator
 from fl_core.methods.align import AlignmentSet, align_model, build_alignment_set
 from fl_core.methods.base import Method
@@ -46,13 +47,16 @@ def stage1_fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of every setting stage 1 depends on (not the federation's)."""
     flat = cfg.flat()
     ignored = set(PARTITION_ONLY_KEYS)
-    if cfg.data.web_pool == "heldout" and DATASETS[cfg.data.dataset].heldout_split:
+    if cfg.data.web_pool == "heldout" and dataset_facts(cfg.data).heldout_split:
         ignored |= {"data.imbalance_factor", "data.train_limit"}  # the pool does not depend on the long tail
     keys = [k for k in flat if k.startswith(("data.", "model.", "teacher.")) and k not in ignored]
     keys += ["seed", "device"] + [f"method.{k}" for k in STAGE1_METHOD_KEYS]
     if cfg.cpu_threads:  # runs from before the key existed keep their stage 1
         keys.append("cpu_threads")
-    blob = json.dumps({k: flat[k] for k in sorted(keys)}, sort_keys=True).encode()
+    settings = {k: flat[k] for k in keys}
+    if cfg.data.dataset == IMAGE_FOLDER:  # the same folder may hold other images later
+        settings["data.images"] = image_folder_signature(cfg.data.root)
+    blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
