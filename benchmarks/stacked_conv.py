@@ -15,8 +15,8 @@ backward) of K stacked ResNet-8s (``fl_core.fl.stacked``) with
 
 in fp32 and bf16 autocast, contiguous and channels-last. ``--traffic`` adds what the fp32 grouped
 step does per second: FLOPs against the machine's matmul peak, and the bytes its operations read and
-write against the bandwidth of a plain copy (``OperationTraffic``). On CUDA each step is captured as a CUDA
-graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
+write against the bandwidth of a plain copy (``OperationTraffic``). On CUDA each step is captured as
+a CUDA graph and replayed (as ``fl.cuda_graphs`` does), so launch overhead does not hide kernel time.
 Prints milliseconds per step, the ratio against ``grouped`` in the same layout and precision, and
 how far the step's weight gradients are from grouped's (largest difference over the largest gradient
 magnitude, per tensor) and, when more than one strategy is timed, how far float32 grouped is from
@@ -155,8 +155,8 @@ def time_step(device, clients: int, batch: int, width: float, strategy: str, pre
 class OperationTraffic(TorchDispatchMode):
     """Bytes each dispatched operation reads and writes: its distinct input tensors and its distinct
     output tensors, each once (an in-place operation's tensor is read and written). Views and
-    allocations move nothing and are left out. So this is what an unfused implementation moves at least if no tensor
-    stayed in cache from one operation to the next."""
+    allocations move nothing and are left out. So this is what an unfused implementation moves at
+    least if no tensor stayed in cache from one operation to the next."""
 
     def __init__(self):
         super().__init__()
