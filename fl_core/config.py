@@ -49,6 +49,16 @@ def dataset_facts(d: "DataConfig") -> DatasetFacts:
                         already_long_tailed=d.imbalance_factor == 1)
 
 
+def data_content(d: "DataConfig") -> dict:
+    """What a result's hash needs of the data besides its settings: for ``imagefolder``, whose folder
+    may hold other images later, a signature of the files; nothing for the fixed datasets."""
+    if d.dataset != IMAGE_FOLDER:
+        return {}
+    from fl_core.data.folders import image_folder_signature
+
+    return {"data.images": image_folder_signature(d.root)}
+
+
 PARTITIONS = ("creff", "dirichlet", "iid")
 METHODS = ("fedavg", "fedprox", "creff", "clip2fl", "mllm_fl")
 LAMBDA_SCHEDULES = ("cosine", "linear", "constant")
@@ -210,10 +220,7 @@ class ExperimentConfig:
         """Short hash of everything that changes results (the profile name does not)."""
         settings = {k: v for k, v in self.flat().items()
                     if k not in EXECUTION_ONLY and not (k in FINGERPRINT_SINCE and v == FINGERPRINT_SINCE[k])}
-        if self.data.dataset == IMAGE_FOLDER:
-            from fl_core.data.folders import image_folder_signature
-
-            settings["data.images"] = image_folder_signature(self.data.root)
+        settings.update(data_content(self.data))
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fl_core.config import IMAGE_FOLDER, ExperimentConfig, dataset_facts
-from fl_core.data.folders import image_folder_signature
+from fl_core.config import ExperimentConfig, data_content, dataset_facts
 from fl_core.fl.sampling import client_generator
 from fl_core.methods.align import AlignmentSet, align_model, build_alignment_set
 from fl_core.methods.base import Method
@@ -53,9 +52,7 @@ def stage1_fingerprint(cfg: ExperimentConfig) -> str:
     keys += ["seed", "device"] + [f"method.{k}" for k in STAGE1_METHOD_KEYS]
     if cfg.cpu_threads:  # runs from before the key existed keep their stage 1
         keys.append("cpu_threads")
-    settings = {k: flat[k] for k in keys}
-    if cfg.data.dataset == IMAGE_FOLDER:  # the same folder may hold other images later
-        settings["data.images"] = image_folder_signature(cfg.data.root)
+    settings = {**{k: flat[k] for k in keys}, **data_content(cfg.data)}
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
