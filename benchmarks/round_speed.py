@@ -74,6 +74,18 @@ def matmul_flops_per_second(device: torch.device, n: int = 2048, repeats: int = 
     return rates
 
 
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> float:
+    """Bytes per second a plain copy of ``nbytes`` reads and writes (best of ``repeats``)."""
+    src = torch.empty(nbytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 2):
+        tic = _sync_time(device)
+        dst.copy_(src)
+        best = min(best, _sync_time(device) - tic)
+    return 2 * src.numel() * 4 / best
+
+
 def _sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()

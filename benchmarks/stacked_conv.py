@@ -183,25 +183,6 @@ def _distinct_tensors(tree) -> dict[tuple, int]:
             for t in tree_leaves(tree) if isinstance(t, torch.Tensor)}
 
 
-def copy_bandwidth(device, nbytes: int, repeats: int = 20) -> float:
-    """Bytes per second a plain copy of ``nbytes`` reads and writes (best of ``repeats``)."""
-    src = torch.empty(nbytes // 4, device=device).uniform_()
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 2):
-        _sync(device)
-        tic = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        best = min(best, time.perf_counter() - tic)
-    return 2 * src.numel() * 4 / best
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_traffic(device, clients: int, batch: int, width: float, channels_last: bool, seconds: float) -> dict:
     """What one fp32 grouped step of ``seconds`` does per second: FLOPs (counted on one client's
     model: ``FlopCounterMode`` counts a grouped convolution's weight gradient ``groups`` times over in
@@ -220,10 +201,10 @@ def step_traffic(device, clients: int, batch: int, width: float, channels_last: 
 
 def machine_traffic(device, args, results: dict) -> dict:
     """``step_traffic`` of every timed fp32 grouped layout, printed against the machine's fp32 matmul
-    peak (``round_speed.matmul_flops_per_second``) and copy bandwidth (at the size of the step's largest
+    peak and copy bandwidth (``round_speed``'s measures; the copy at the size of the step's largest
     activation, and at 256 MB, beyond any cache)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from round_speed import matmul_flops_per_second
+    from round_speed import copy_bandwidth, matmul_flops_per_second
 
     peak = max(matmul_flops_per_second(device).values())
     largest = args.batch * args.clients * max(1, round(64 * args.width)) * 28 * 28 * 4
