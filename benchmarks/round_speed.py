@@ -30,7 +30,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -328,7 +327,7 @@ def main(argv=None) -> dict:
     rate = {k: images / seconds[k] for k in ("reference", "sequential", "vectorized")}
     result = {
         "date": datetime.now(timezone.utc).date().isoformat(),
-        "machine": f"{device_description(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{device_description(device)}, {os.cpu_count()} CPUs",
         "profile": args.profile,
         "clients": len(clients),
         "local_epochs": f.local_epochs,

@@ -178,11 +178,14 @@ def cost_table(records: list[dict]) -> pd.DataFrame:
 
 
 def provenance_of(records: list[dict]) -> str:
-    """Profile, seeds and commits of a set of runs, for the line under a table."""
+    """Profile, seeds, commits and devices of a set of runs, for the line under a table (the device
+    matters: another CPU model rounds differently)."""
     profiles = sorted({r["profile"] for r in records})
     seeds = sorted({r["config"]["seed"] for r in records})
     commits = sorted({r["commit"][:10] + ("+dirty" if r.get("dirty") else "") for r in records})
-    return f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; commit {', '.join(commits)}"
+    devices = sorted({r["device"] for r in records})
+    return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; commit {', '.join(commits)}; "
+            f"on {' and '.join(devices)}")
 
 
 def provenance(record: dict) -> str:

@@ -16,7 +16,8 @@ from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local
 from fl_core.methods import FedAvg
 from fl_core.metrics import predict
 from fl_core.models import ResNet8
-from fl_core.results import CHECKPOINT_NAME, load_record
+from fl_core import report
+from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
 from conftest import TINY
 
@@ -121,6 +122,33 @@ def test_the_record_names_the_commit_found_once_per_run(tiny_config, tmp_path, m
     assert (record["commit"], record["dirty"]) == ("abc", True)
     assert len(lookups) == 1  # not two git processes per round
     assert load_record(tmp_path / "run")["commit"] == "abc"
+
+
+def test_the_record_names_the_cpu_model_and_the_provenance_lines_show_it(tiny_config, tmp_path, monkeypatch):
+    # another CPU model rounds differently, so a result must say which one it came from
+    monkeypatch.setattr("fl_core.results.cpu_model", lambda: "Some CPU 9000")
+    cfg = tiny_config()
+    record = run_experiment(cfg, tmp_path / "run", progress=False)
+    capability, threads = torch.backends.cpu.get_cpu_capability(), cfg.cpu_threads or torch.get_num_threads()
+    assert record["device"] == f"cpu: Some CPU 9000 ({capability}), {threads} threads"
+    assert record["device"] in report.provenance(record)
+    older = {**record, "device": "cpu: x86_64, 2 threads"}
+    line = report.provenance_of([record, older, record])
+    assert line.startswith("profile smoke; seeds [7]; 3 runs; commit ")
+    assert line.endswith(f"; on {record['device']} and {older['device']}")  # each device once, sorted
+
+
+def test_cpu_model_is_the_name_linux_gives(monkeypatch):
+    cpu_model.cache_clear()
+    try:
+        name = cpu_model()
+    finally:
+        cpu_model.cache_clear()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            names = {" ".join(line.split(":", 1)[1].split()) for line in fh if line.startswith("model name")}
+        assert names and name in names
+    assert name
 
 
 @pytest.mark.slow
