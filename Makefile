@@ -44,20 +44,24 @@ book: $(VENV)/.installed-book
 	$(VENV)/bin/jupyter-book build --quiet book
 	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
 
-# Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir).
+# Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir);
+# accuracies are compared where this machine rounds as the one that stored the outputs did.
 test: setup
 	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q tests
-	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval-sanitize.cfg -p no:cacheprovider notebooks
+	rules=$$(mktemp) && $(PY) notebooks/nbval_sanitize.py > $$rules && \
+	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with $$rules -p no:cacheprovider notebooks
 
 # Client-loop speed against the peers' way (issue 8); prints a table and one JSON line.
 bench: setup
 	$(PY) benchmarks/round_speed.py --profile $(PROFILE)
 
-# Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares).
+# Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares) and
+# record what decides this machine's rounding beside them.
 notebooks: $(VENV)/.installed-book
 	@for nb in $(NOTEBOOKS); do \
 	  FL_CORE_RUNS=$$(mktemp -d) $(VENV)/bin/papermill --log-level WARNING $$nb $$nb || exit 1; \
 	done
+	$(PY) notebooks/nbval_sanitize.py --store
 
 clean:
 	rm -rf book/_build book/*.ipynb

@@ -115,11 +115,22 @@ def device_description(device: torch.device) -> str:
 @functools.cache
 def cpu_model() -> str:
     """The CPU's model name (Linux's ``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor, e.g. ``AuthenticAMD`` or ``GenuineIntel`` (Linux), else ``unknown``."""
+    return _cpuinfo("vendor_id") or "unknown"
+
+
+def _cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in ``/proc/cpuinfo``; empty where there is none."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == field:
                     return " ".join(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
