@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fl_core import report
 from fl_core.config import make_config
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
@@ -16,7 +17,6 @@ from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local
 from fl_core.methods import FedAvg
 from fl_core.metrics import predict
 from fl_core.models import ResNet8
-from fl_core import report
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
 from conftest import TINY
@@ -138,7 +138,7 @@ def test_the_record_names_the_cpu_model_and_the_provenance_lines_show_it(tiny_co
     assert line.endswith(f"; on {record['device']} and {older['device']}")  # each device once, sorted
 
 
-def test_cpu_model_is_the_name_linux_gives(monkeypatch):
+def test_cpu_model_is_the_name_linux_gives():
     cpu_model.cache_clear()
     try:
         name = cpu_model()
