@@ -1,8 +1,10 @@
 """Command line of fl_core.
 
 ``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]`` runs one
-federated experiment; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool
-with the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
+federated experiment; ``python -m fl_core compare --profile P [--methods M ...] [--seeds S ...]
+[--set ...]`` runs methods x seeds (finished runs reused, the rest one per core) and prints their
+results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
+the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
 The last line on stdout is always one JSON object.
 """
 
@@ -19,18 +21,26 @@ from fl_core.config import DEFAULT_PROFILE, METHODS, PROFILES, make_config, pars
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fl_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume, or reuse) one federated experiment")
-    run.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
+
+    def command(name: str, help: str, set_example: str) -> argparse.ArgumentParser:
+        one = sub.add_parser(name, help=help)
+        one.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
+        one.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help=f"config override, e.g. {set_example} (repeatable)")
+        one.add_argument("--no-progress", action="store_true", help="no progress bars")
+        return one
+
+    run = command("run", "run (or resume, or reuse) one federated experiment", "--set fl.rounds=5 --set data.alpha=0.1")
     run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the profile's)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="config override, e.g. --set fl.rounds=5 --set data.alpha=0.1 (repeatable)")
     run.add_argument("--run-dir", default=None, help="run directory (default: $FL_CORE_RUNS or ./runs, by config hash)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    annotate = sub.add_parser("annotate", help="annotate the web pool with the MLLM (cached) and report its accuracy")
-    annotate.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
-    annotate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="config override, e.g. --set teacher.mllm_accuracy=0.7 (repeatable)")
-    annotate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compare = command("compare", "run methods x seeds (finished runs reused) and print their results table",
+                      "--set data.imbalance_factor=50")
+    compare.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                         help=f"any of {', '.join(METHODS)} (default: all)")
+    compare.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                         help="default: the profile's (7 8 9; 7 on smoke)")
+    command("annotate", "annotate the web pool with the MLLM (cached) and report its accuracy",
+            "--set teacher.mllm_accuracy=0.7")
     return parser
 
 
@@ -51,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "annotate":
             return annotate_command(cfg, progress=not args.no_progress)
+        if args.command == "compare":
+            return compare_command(cfg.profile, args.methods, args.seeds, overrides, progress=not args.no_progress)
         return run_command(cfg, args.run_dir, progress=not args.no_progress)
     except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -68,6 +80,31 @@ def run_command(cfg, run_dir, progress: bool) -> int:
     print(f"run record: {record['_path']}")
     print("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                                 if k in ("top1", "many", "medium", "few", "head", "middle", "tail")))
+    print(json.dumps(summary))
+    return 0
+
+
+def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict, progress: bool) -> int:
+    from fl_core import report
+    from fl_core.config import profile_seeds
+    from fl_core.experiment import run_grid
+
+    seeds = seeds or profile_seeds(profile)
+    # (run_grid builds, hence validates, every config before the first run starts)
+    records = run_grid(profile, {m: {"method.name": m} for m in methods}, seeds, base=overrides, progress=progress)
+    records = [{**r, "_variant": report.method_label(r)} for r in records]
+    print(report.results_table(records).to_string())
+    print(report.GROUP_NOTE.format(many=records[0]["config"]["data"]["many_threshold"],
+                                   few=records[0]["config"]["data"]["few_threshold"]))
+    print(report.provenance_of(records))
+    summary = {"profile": profile, "seeds": seeds, "results": {}}
+    for variant, stats in report.results_stats(records).items():
+        runs = [r for r in records if r["_variant"] == variant]
+        summary["results"][variant] = {
+            "method": runs[0]["method"]["name"], "seeds": stats["seeds"],
+            **{key: value for k in report.ACCURACIES
+               for key, value in zip((k.replace(" ", "_"), f"{k.replace(' ', '_')}_std"), stats[k])},
+            "run_records": [r["_path"] for r in runs]}
     print(json.dumps(summary))
     return 0
 

@@ -149,26 +149,55 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ACCURACIES = ("top1", LAST_COLUMN, *GROUP_NAMES)
+
+
+def results_stats(records: list[dict]) -> dict[str, dict]:
+    """Per variant, in order of first appearance: ``seeds`` (its number of runs) and, per accuracy of
+    ``ACCURACIES`` (%), ``(mean, std over seeds)``; the std is ``None`` for one run, both are ``None``
+    for a group without classes."""
+    frame = results_frame(records)
+    stats = {}
+    for variant in dict.fromkeys(frame["variant"]):
+        runs = frame[frame["variant"] == variant]
+        row: dict = {"seeds": len(runs)}
+        for k in ACCURACIES:
+            values = runs[k].dropna()
+            std = float(values.std(ddof=1)) if len(values) > 1 else None
+            row[k] = (None, None) if values.empty else (float(values.mean()), std)
+        stats[variant] = row
+    return stats
+
+
 def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
     """Mean ± std over seeds of each variant's final accuracies (a group without classes: n/a)."""
-    frame = results_frame(records)
-    order = list(dict.fromkeys(frame["variant"]))
-    out = {}
-    for variant in order:
-        runs = frame[frame["variant"] == variant]
-        row = {"seeds": len(runs)}
-        for k in ("top1", LAST_COLUMN, *GROUP_NAMES):
-            values = runs[k].dropna()
-            if values.empty:
-                row[k] = "n/a"
-            elif len(values) == 1:
-                row[k] = f"{values.iloc[0]:.{digits}f}"
-            else:
-                row[k] = f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-        out[variant] = row
+    def cell(mean, std):
+        if mean is None:
+            return "n/a"
+        return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    out = {variant: {"seeds": row["seeds"], **{k: cell(*row[k]) for k in ACCURACIES}}
+           for variant, row in results_stats(records).items()}
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index.name = "variant"
     return table
+
+
+METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
+
+
+def method_label(record: dict) -> str:
+    """The method's name and the substitute teachers its numbers came from, e.g. ``MLLM-FL
+    (simulated MLLM, offline encoder)``: substitutes are named wherever their numbers appear."""
+    cfg = record["config"]
+    name = cfg["method"]["name"]
+    substitutes = []
+    if name == "mllm_fl" and cfg["teacher"]["mllm"] == "simulated":
+        substitutes.append("simulated MLLM")
+    uses_encoder = name == "clip2fl" or (name == "mllm_fl" and cfg["method"]["stage1"])
+    if uses_encoder and cfg["teacher"]["clip"] == "offline":
+        substitutes.append("offline encoder")
+    return METHOD_NAMES[name] + (f" ({', '.join(substitutes)})" if substitutes else "")
 
 
 def cost_table(records: list[dict]) -> pd.DataFrame:

@@ -55,3 +55,42 @@ def test_missing_data_fails_within_seconds(tmp_path):
     done = cli("run", "--profile", "paper-cifar10", "--set", f"data.root={tmp_path}")
     assert done.returncode == 2 and "cifar10 was not found under" in done.stderr and "data.download=true" in done.stderr
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow
+def test_compare_runs_methods_by_seeds_prints_the_table_and_reuses_the_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path / "runs"))
+    small = {"data.web_pool_limit": 300, "teacher.align_steps": 20, "method.stage1_epochs": 1}
+    sets = [f"--set={k}={v}" for k, v in {**TINY, **small}.items()]
+    args = ("compare", "--profile", "smoke", "--methods", "fedavg", "mllm_fl", "--seeds", "7", "8", "--no-progress", *sets)
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    label = "MLLM-FL (simulated MLLM, offline encoder)"  # substitutes named beside their numbers
+    assert list(summary["results"]) == ["FedAvg", label] and summary["seeds"] == [7, 8]
+    assert any(line.startswith(label) for line in lines) and lines[-2].startswith("profile smoke; seeds [7, 8]; 4 runs")
+    for variant, method in (("FedAvg", "fedavg"), (label, "mllm_fl")):
+        result = summary["results"][variant]
+        records = [json.loads(open(path).read()) for path in result["run_records"]]
+        assert [r["config"]["seed"] for r in records] == [7, 8] and {r["method"]["name"] for r in records} == {method}
+        finals = [100 * r["final"]["top1"] for r in records]
+        assert result["seeds"] == 2 and result["top1"] == pytest.approx(sum(finals) / 2)
+        assert result["top1_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
+    again = cli(*args, timeout=60)  # every run finished: read back, not run again
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary
+    assert len(list((tmp_path / "runs").iterdir())) == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "scaffold"], "invalid choice: 'scaffold'"),
+    (["--seeds", "seven"], "invalid int value: 'seven'"),
+    (["--set", "fl.round=3"], "unknown config key 'fl.round'"),
+    (["--set", "data.alpha=0"], "data.alpha=0.0 is invalid"),
+])
+def test_compare_rejects_bad_input_before_any_run(args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path / "runs"))
+    done = cli("compare", "--profile", "smoke", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
