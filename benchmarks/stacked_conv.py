@@ -23,7 +23,7 @@ magnitude, per tensor) and, when more than one strategy is timed, how far float3
 the same step in float64: the scale to read them on. It is not 1e-7: an activation within rounding
 of zero can fall on the other side of a ReLU, which moves that client's gradients by far more
 (ResNet-8 at width 0.125 with 8 clients: 3e-2, with 1 or 2: 4e-6; at width 1: 5e-2). Two float32
-strategies can differ so too. The last stdout line is a JSON object. Measured (README, "Speed"): on
+strategies can differ so too. The last stdout line is a JSON object. Measured (benchmarks/README.md): on
 an H100 grouped is the fastest in every layout and precision; on 2 CPU cores per-client is
 0.67-0.71x grouped at width 0.125 and 1.00-1.04x at width 1. So the engine keeps grouped
 convolutions.

@@ -286,7 +286,7 @@ PROFILES: dict[str, dict] = {
         "cpu_threads": 1,
     },
     # channels-last also on a GPU: ResNet-8 at width 1, clients trained together, is 5-7% faster in
-    # fp32 on an H100/H200 (README "Speed"); on a CPU it is on anyway
+    # fp32 on an H100/H200 (benchmarks/README.md); on a CPU it is on anyway
     "paper-cifar10": {**PAPER_PROTOCOL, "data.dataset": "cifar10", **PAPER_TEACHERS, "fl.channels_last": "on"},
     "paper-cifar100": {**PAPER_PROTOCOL, "data.dataset": "cifar100", **PAPER_TEACHERS, "fl.channels_last": "on"},
     "paper-imagenet": {
