@@ -2,8 +2,8 @@
 
 ``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]`` runs one
 federated experiment; ``python -m fl_core compare --profile P [--methods M ...] [--seeds S ...]
-[--set ...]`` runs methods x seeds (finished runs reused, the rest one per core) and prints their
-results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
+[--set ...] [--markdown]`` runs methods x seeds (finished runs reused, the rest one per core) and prints
+their results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
 the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
 The last line on stdout is always one JSON object.
 """
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"any of {', '.join(METHODS)} (default: all)")
     compare.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                          help="default: the profile's (7 8 9; 7 on smoke)")
+    compare.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     command("annotate", "annotate the web pool with the MLLM (cached) and report its accuracy",
             "--set teacher.mllm_accuracy=0.7")
     return parser
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "annotate":
             return annotate_command(cfg, progress=not args.no_progress)
         if args.command == "compare":
-            return compare_command(cfg.profile, args.methods, args.seeds, overrides, progress=not args.no_progress)
+            return compare_command(cfg.profile, args.methods, args.seeds, overrides, args.markdown,
+                                   progress=not args.no_progress)
         return run_command(cfg, args.run_dir, progress=not args.no_progress)
     except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -84,7 +86,8 @@ def run_command(cfg, run_dir, progress: bool) -> int:
     return 0
 
 
-def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict, progress: bool) -> int:
+def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict, markdown: bool,
+                    progress: bool) -> int:
     from fl_core import report
     from fl_core.config import profile_seeds
     from fl_core.experiment import run_grid
@@ -93,7 +96,8 @@ def compare_command(profile: str, methods: list[str], seeds: list[int] | None, o
     # (run_grid builds, hence validates, every config before the first run starts)
     records = run_grid(profile, {m: {"method.name": m} for m in methods}, seeds, base=overrides, progress=progress)
     records = [{**r, "_variant": report.method_label(r)} for r in records]
-    print(report.results_table(records).to_string())
+    table = report.results_table(records)
+    print(table.to_markdown() if markdown else table.to_string())
     print(report.GROUP_NOTE.format(many=records[0]["config"]["data"]["many_threshold"],
                                    few=records[0]["config"]["data"]["few_threshold"]))
     print(report.provenance_of(records))

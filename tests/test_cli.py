@@ -78,8 +78,10 @@ def test_compare_runs_methods_by_seeds_prints_the_table_and_reuses_the_runs(tmp_
         finals = [100 * r["final"]["top1"] for r in records]
         assert result["seeds"] == 2 and result["top1"] == pytest.approx(sum(finals) / 2)
         assert result["top1_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2**0.5)
-    again = cli(*args, timeout=60)  # every run finished: read back, not run again
+    again = cli(*args, "--markdown", timeout=60)  # every run finished: read back, not run again
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == summary
+    table = again.stdout.splitlines()[:4]
+    assert table[0].startswith("| variant ") and set(table[1]) <= set("|:- ") and table[3].startswith(f"| {label} ")
     assert len(list((tmp_path / "runs").iterdir())) == 4
 
 
