@@ -2,8 +2,8 @@
 
 ``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]`` runs one
 federated experiment; ``python -m fl_core compare --profile P [--methods M ...] [--seeds S ...]
-[--set ...] [--markdown]`` runs methods x seeds (finished runs reused, the rest one per core) and prints
-their results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
+[--set ...] [--sweep KEY=V1,V2,...] [--markdown]`` runs methods x seeds (x the swept values; finished
+runs reused, the rest one per core) and prints their results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
 the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
 The last line on stdout is always one JSON object.
 """
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"any of {', '.join(METHODS)} (default: all)")
     compare.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
                          help="default: the profile's (7 8 9; 7 on smoke)")
+    compare.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                         help="also vary one config key, e.g. --sweep data.alpha=0.1,0.5,1.0: top-1, last 3 and tail "
+                              "per value")
     compare.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     command("annotate", "annotate the web pool with the MLLM (cached) and report its accuracy",
             "--set teacher.mllm_accuracy=0.7")
@@ -63,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "annotate":
             return annotate_command(cfg, progress=not args.no_progress)
         if args.command == "compare":
-            return compare_command(cfg.profile, args.methods, args.seeds, overrides, args.markdown,
-                                   progress=not args.no_progress)
+            return compare_command(cfg.profile, args.methods, args.seeds, overrides, parse_sweep(args.sweep),
+                                   args.markdown, progress=not args.no_progress)
         return run_command(cfg, args.run_dir, progress=not args.no_progress)
     except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -86,31 +89,69 @@ def run_command(cfg, run_dir, progress: bool) -> int:
     return 0
 
 
-def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict, markdown: bool,
-                    progress: bool) -> int:
+def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
+    """``"data.alpha=0.1,0.5"`` -> ``("data.alpha", ["0.1", "0.5"])`` (typed and checked with the config)."""
+    if text is None:
+        return None
+    key, _, values = text.partition("=")
+    values = list(dict.fromkeys(v.strip() for v in values.split(",") if v.strip()))
+    if not key.strip() or not values:
+        raise ValueError(f"--sweep {text!r} is not of the form KEY=V1,V2,..., e.g. --sweep data.alpha=0.1,0.5,1.0")
+    if key.strip() in ("seed", "method.name"):
+        raise ValueError(f"--sweep cannot vary {key.strip()}: compare varies it already, use --seeds or --methods")
+    return key.strip(), values
+
+
+def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict,
+                    sweep: tuple[str, list[str]] | None, markdown: bool, progress: bool) -> int:
+    import pandas as pd
+
     from fl_core import report
     from fl_core.config import profile_seeds
-    from fl_core.experiment import run_grid
+    from fl_core.experiment import run_grids
 
     seeds = seeds or profile_seeds(profile)
-    # (run_grid builds, hence validates, every config before the first run starts)
-    records = run_grid(profile, {m: {"method.name": m} for m in methods}, seeds, base=overrides, progress=progress)
-    records = [{**r, "_variant": report.method_label(r)} for r in records]
-    table = report.results_table(records)
+    key, values = sweep or (None, [None])
+    variants = {m: {"method.name": m} for m in methods}
+    # one grid per swept value, all handed to the workers at once; run_grids builds, hence
+    # validates, every config before the first run starts
+    grids = run_grids(profile, {v: (variants, seeds, {} if key is None else {key: v}) for v in values},
+                      base=overrides, progress=progress)
+    grids = {v: [{**r, "_variant": report.method_label(r)} for r in records] for v, records in grids.items()}
+    if key is None:
+        table = report.results_table(grids[None])
+    else:
+        table = pd.concat({f"{key}={v}": report.results_table(grids[v])[["top1", report.LAST_COLUMN, "tail"]]
+                           for v in values}, axis=1)
+        if markdown:
+            table.columns = [" ".join(column) for column in table.columns]
     print(table.to_markdown() if markdown else table.to_string())
-    print(report.GROUP_NOTE.format(many=records[0]["config"]["data"]["many_threshold"],
-                                   few=records[0]["config"]["data"]["few_threshold"]))
-    print(report.provenance_of(records))
-    summary = {"profile": profile, "seeds": seeds, "results": {}}
-    for variant, stats in report.results_stats(records).items():
-        runs = [r for r in records if r["_variant"] == variant]
-        summary["results"][variant] = {
-            "method": runs[0]["method"]["name"], "seeds": stats["seeds"],
-            **{key: value for k in report.ACCURACIES
-               for key, value in zip((k.replace(" ", "_"), f"{k.replace(' ', '_')}_std"), stats[k])},
-            "run_records": [r["_path"] for r in runs]}
+    everything = [r for records in grids.values() for r in records]
+    data = everything[0]["config"]["data"]
+    print(report.GROUP_NOTE.format(many=data["many_threshold"], few=data["few_threshold"]))
+    print(report.provenance_of(everything))
+    summary = {"profile": profile, "seeds": seeds}
+    if key is None:
+        summary["results"] = _results_summary(grids[None])
+    else:
+        summary.update(sweep={"key": key, "values": values}, results={v: _results_summary(grids[v]) for v in values})
     print(json.dumps(summary))
     return 0
+
+
+def _results_summary(records: list[dict]) -> dict:
+    """{variant: method, seeds, each accuracy's mean and std (%), run record paths}."""
+    from fl_core import report
+
+    summary = {}
+    for variant, stats in report.results_stats(records).items():
+        runs = [r for r in records if r["_variant"] == variant]
+        summary[variant] = {
+            "method": runs[0]["method"]["name"], "seeds": stats["seeds"],
+            **{name: value for k in report.ACCURACIES
+               for name, value in zip((k.replace(" ", "_"), f"{k.replace(' ', '_')}_std"), stats[k])},
+            "run_records": [r["_path"] for r in runs]}
+    return summary
 
 
 def annotate_command(cfg, progress: bool) -> int:

@@ -85,7 +85,31 @@ def test_compare_runs_methods_by_seeds_prints_the_table_and_reuses_the_runs(tmp_
     assert len(list((tmp_path / "runs").iterdir())) == 4
 
 
+@pytest.mark.slow
+def test_compare_sweeps_a_key_with_one_grid_per_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path / "runs"))
+    sets = [f"--set={k}={v}" for k, v in TINY.items()]
+    done = cli("compare", "--profile", "smoke", "--methods", "fedavg", "creff", "--seeds", "7",
+               "--sweep", "data.alpha=0.1, 1", "--no-progress", *sets)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["sweep"] == {"key": "data.alpha", "values": ["0.1", "1"]}
+    assert "data.alpha=0.1" in lines[0] and "data.alpha=1" in lines[0] and "tail" in lines[1]
+    for value, alpha in (("0.1", 0.1), ("1", 1.0)):
+        assert list(summary["results"][value]) == ["FedAvg", "CReFF"]
+        for result in summary["results"][value].values():
+            record = json.loads(open(result["run_records"][0]).read())
+            assert record["config"]["data"]["alpha"] == alpha and record["method"]["name"] == result["method"]
+            assert result["top1"] == pytest.approx(100 * record["final"]["top1"]) and result["top1_std"] is None
+    assert len(list((tmp_path / "runs").iterdir())) == 4
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--sweep", "data.alpha"], "--sweep 'data.alpha' is not of the form KEY=V1,V2,..."),
+    (["--sweep", "data.alpha=0.1,x"], "data.alpha='x' is not a valid float"),
+    (["--sweep", "fl.round=1,2"], "unknown config key 'fl.round'"),
+    (["--sweep", "seed=1,2"], "--sweep cannot vary seed: compare varies it already, use --seeds or --methods"),
     (["--methods", "scaffold"], "invalid choice: 'scaffold'"),
     (["--seeds", "seven"], "invalid int value: 'seven'"),
     (["--set", "fl.round=3"], "unknown config key 'fl.round'"),
