@@ -3,8 +3,9 @@
 ``python -m fl_core run --profile P --method M [--set key=value ...] [--run-dir DIR]`` runs one
 federated experiment; ``python -m fl_core compare --profile P [--methods M ...] [--seeds S ...]
 [--set ...] [--sweep KEY=V1,V2,...] [--markdown]`` runs methods x seeds (x the swept values; finished
-runs reused, the rest one per core) and prints their results table; ``python -m fl_core annotate --profile P [--set ...]`` annotates the web pool with
-the MLLM and scores the CLIP-role encoder zero-shot, twice (the second from the cache).
+runs reused, the rest one per core) and prints their results table; ``python -m fl_core annotate
+--profile P [--set ...]`` annotates the web pool with the MLLM and scores the CLIP-role encoder
+zero-shot, twice (the second from the cache).
 The last line on stdout is always one JSON object.
 """
 
