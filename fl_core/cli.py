@@ -118,7 +118,7 @@ def compare_command(profile: str, methods: list[str], seeds: list[int] | None, o
     # validates, every config before the first run starts
     grids = run_grids(profile, {v: (variants, seeds, {} if key is None else {key: v}) for v in values},
                       base=overrides, progress=progress)
-    grids = {v: [{**r, "_variant": report.method_label(r)} for r in records] for v, records in grids.items()}
+    grids = {v: report.label_methods(records) for v, records in grids.items()}
     if key is None:
         table = report.results_table(grids[None])
     else:

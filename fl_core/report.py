@@ -200,6 +200,11 @@ def method_label(record: dict) -> str:
     return METHOD_NAMES[name] + (f" ({', '.join(substitutes)})" if substitutes else "")
 
 
+def label_methods(records: list[dict]) -> list[dict]:
+    """The records, each with its ``method_label`` as its variant name (the rows of a table)."""
+    return [{**r, "_variant": method_label(r)} for r in records]
+
+
 def cost_table(records: list[dict]) -> pd.DataFrame:
     """What one client uploads and computes per round, per variant (identical across seeds)."""
     frame = results_frame(records).groupby("variant", sort=False)[["upload MB/client/round", "client GFLOPs/round"]]
