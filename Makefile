@@ -56,10 +56,12 @@ bench: setup
 	$(PY) benchmarks/round_speed.py --profile $(PROFILE)
 
 # Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares) and
-# record what decides this machine's rounding beside them.
+# record what decides this machine's rounding beside them. One empty teacher cache for all of them,
+# in nbval's order, as `make test` runs them: what a cell prints (a library's first-import warning,
+# a progress bar) depends on what the cache already holds.
 notebooks: $(VENV)/.installed-book
-	@for nb in $(NOTEBOOKS); do \
-	  FL_CORE_RUNS=$$(mktemp -d) $(VENV)/bin/papermill --log-level WARNING $$nb $$nb || exit 1; \
+	@cache=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
+	  FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$nb || exit 1; \
 	done
 	$(PY) notebooks/nbval_sanitize.py --store
 
