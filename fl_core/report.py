@@ -12,7 +12,8 @@ from fl_core.data.federated import FederatedData
 from fl_core.metrics import GROUP_NAMES
 
 GROUP_LABELS = {"many": "many (>{many})", "medium": "medium ({few}-{many})", "few": "few (<{few})"}
-METHOD_COLORS = dict(zip(("fedavg", "fedprox", "creff", "clip2fl", "mllm_fl"), sns.color_palette("colorblind", 5)))
+METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
+METHOD_COLORS = dict(zip(METHOD_NAMES, sns.color_palette("colorblind", len(METHOD_NAMES))))
 
 
 def _group_of(groups: dict, names) -> dict[int, str]:
@@ -181,9 +182,6 @@ def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index.name = "variant"
     return table
-
-
-METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
 
 
 def method_label(record: dict) -> str:

@@ -8,6 +8,9 @@ import pytest
 from conftest import TINY
 
 GROUPS = ("many", "medium", "few", "head", "middle", "tail")
+# the teachers' and server's work cut down, for whole runs of every method in seconds
+SMALL = {"method.creff_match_steps": 5, "method.creff_retrain_epochs": 2, "data.web_pool_limit": 300,
+         "teacher.align_steps": 20, "method.stage1_epochs": 1}
 
 
 def cli(*args, timeout=300):
@@ -18,9 +21,7 @@ def cli(*args, timeout=300):
 @pytest.mark.parametrize("method", ["fedavg", "fedprox", "creff", "clip2fl", "mllm_fl"])
 def test_run_prints_metrics_and_the_record_path_as_last_line(tmp_path, method, monkeypatch):
     monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
-    small = {"method.creff_match_steps": 5, "method.creff_retrain_epochs": 2, "data.web_pool_limit": 300,
-             "teacher.align_steps": 20, "method.stage1_epochs": 1}
-    sets = [f"--set={k}={v}" for k, v in {**TINY, **small}.items()]
+    sets = [f"--set={k}={v}" for k, v in {**TINY, **SMALL}.items()]
     done = cli("run", "--profile", "smoke", "--method", method, "--run-dir", str(tmp_path / "r"), "--no-progress", *sets)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -61,8 +62,7 @@ def test_missing_data_fails_within_seconds(tmp_path):
 def test_compare_runs_methods_by_seeds_prints_the_table_and_reuses_the_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path / "runs"))
-    small = {"data.web_pool_limit": 300, "teacher.align_steps": 20, "method.stage1_epochs": 1}
-    sets = [f"--set={k}={v}" for k, v in {**TINY, **small}.items()]
+    sets = [f"--set={k}={v}" for k, v in {**TINY, **SMALL}.items()]
     args = ("compare", "--profile", "smoke", "--methods", "fedavg", "mllm_fl", "--seeds", "7", "8", "--no-progress", *sets)
     done = cli(*args)
     assert done.returncode == 0, done.stderr
