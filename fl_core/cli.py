@@ -105,8 +105,6 @@ def parse_sweep(text: str | None) -> tuple[str, list[str]] | None:
 
 def compare_command(profile: str, methods: list[str], seeds: list[int] | None, overrides: dict,
                     sweep: tuple[str, list[str]] | None, markdown: bool, progress: bool) -> int:
-    import pandas as pd
-
     from fl_core import report
     from fl_core.config import profile_seeds
     from fl_core.experiment import run_grids
@@ -122,8 +120,7 @@ def compare_command(profile: str, methods: list[str], seeds: list[int] | None, o
     if key is None:
         table = report.results_table(grids[None])
     else:
-        table = pd.concat({f"{key}={v}": report.results_table(grids[v])[["top1", report.LAST_COLUMN, "tail"]]
-                           for v in values}, axis=1)
+        table = report.sweep_table({f"{key}={v}": grids[v] for v in values})
         if markdown:
             table.columns = [" ".join(column) for column in table.columns]
     print(table.to_markdown() if markdown else table.to_string())

@@ -56,6 +56,22 @@ def client_table(fed: FederatedData) -> pd.DataFrame:
     )
 
 
+def partition_table(feds: dict[str, list[FederatedData]], share: float = 0.1) -> pd.DataFrame:
+    """How differently partitions (e.g. Dirichlet alphas) split the data: per key of ``feds`` (its
+    label), over the clients of all its federations (e.g. one per seed), the clients' sizes and the
+    medians of the classes a client holds, of those holding at least ``share`` of its images, and of
+    its largest class's share."""
+    rows = {}
+    for label, federations in feds.items():
+        cc = np.concatenate([fed.client_class_counts for fed in federations])
+        sizes = cc.sum(axis=1)
+        rows[label] = {"clients": len(cc), "images / client": f"{sizes.min()}-{sizes.max()}",
+                       "classes (median)": float(np.median((cc > 0).sum(axis=1))),
+                       f"classes >= {share:.0%} (median)": float(np.median((cc >= share * sizes[:, None]).sum(axis=1))),
+                       "largest class % (median)": round(float(np.median(100 * cc.max(axis=1) / sizes)), 1)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def plot_class_counts(fed: FederatedData, ax=None):
     """Training images per class (log scale), classes ordered by frequency."""
     table = class_table(fed).reset_index()
@@ -182,6 +198,23 @@ def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
     table = pd.DataFrame.from_dict(out, orient="index")
     table.index.name = "variant"
     return table
+
+
+def sweep_table(grids: dict[str, list[dict]], columns=("top1", LAST_COLUMN, "tail")) -> pd.DataFrame:
+    """``results_table``'s ``columns`` for each setting side by side, one column group per key of
+    ``grids`` (its label, e.g. ``"IF 10"``), rows in order of first appearance."""
+    return pd.concat({label: results_table(records)[list(columns)] for label, records in grids.items()}, axis=1)
+
+
+def plot_sweep(grids: dict[str, list[dict]], metric: str = "top1", ax=None):
+    """Final ``metric`` of each variant (mean and std over seeds) under each setting of ``grids``
+    ({label: records}), as grouped horizontal bars."""
+    frame = pd.concat([results_frame(records).assign(setting=label) for label, records in grids.items()])
+    ax = ax or plt.subplots(figsize=(8, 0.5 * frame["variant"].nunique() * len(grids) + 1))[1]
+    sns.barplot(data=frame, y="variant", x=metric, hue="setting", errorbar="sd", orient="h", ax=ax)
+    ax.set(ylabel="", xlabel=f"final {metric} %", xlim=(0, 100))
+    _legend_outside(ax)
+    return ax
 
 
 def method_label(record: dict) -> str:

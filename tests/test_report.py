@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from fl_core import report
@@ -36,3 +37,35 @@ def test_results_stats_and_table_agree_on_means_stds_and_missing_groups():
 ])
 def test_method_label_names_the_substitute_teachers(overrides, label):
     assert report.method_label({"config": make_config("smoke", overrides).to_dict()}) == label
+
+
+def test_sweep_table_puts_each_settings_columns_side_by_side():
+    grids = {"alpha 0.1": [record("A", 7, 0.30, 0.10), record("B", 7, 0.50, 0.20)],
+             "alpha 0.5": [record("A", 7, 0.40, 0.30), record("B", 7, 0.80, 0.60)]}
+    table = report.sweep_table(grids, ["top1", "tail"])
+    assert list(table.columns) == [("alpha 0.1", "top1"), ("alpha 0.1", "tail"), ("alpha 0.5", "top1"), ("alpha 0.5", "tail")]
+    assert list(table.index) == ["A", "B"]
+    assert table.loc["B", ("alpha 0.5", "tail")] == "60.0" and table.loc["A", ("alpha 0.1", "top1")] == "30.0"
+    assert report.sweep_table(grids).columns.get_level_values(1).tolist()[:3] == ["top1", report.LAST_COLUMN, "tail"]
+
+
+def test_plot_sweep_draws_one_bar_per_variant_and_setting():
+    grids = {"x": [record("A", 7, 0.3, 0.1), record("A", 8, 0.5, 0.1), record("B", 7, 0.5, 0.2)],
+             "y": [record("A", 7, 0.4, 0.3), record("B", 7, 0.8, 0.6)]}
+    ax = report.plot_sweep(grids)
+    widths = sorted(round(bar.get_width(), 6) for bar in ax.patches if bar.get_width() > 0)
+    assert widths == [40.0, 40.0, 50.0, 80.0]  # A under x is the mean of two seeds
+
+
+def test_partition_table_describes_how_the_clients_data_differs():
+    from types import SimpleNamespace
+
+    skewed = SimpleNamespace(client_class_counts=np.array([[50, 50, 0], [90, 5, 5]]))
+    even = SimpleNamespace(client_class_counts=np.array([[34, 33, 33]]))
+    table = report.partition_table({"skewed": [skewed], "even": [even, even]})
+    assert table.loc["skewed", "clients"] == 2 and table.loc["even", "clients"] == 2  # pooled over federations
+    assert table.loc["skewed", "images / client"] == "100-100"
+    assert table.loc["skewed", "classes (median)"] == 2.5
+    assert table.loc["skewed", "classes >= 10% (median)"] == 1.5  # 50/50 holds two, 90/5/5 one
+    assert table.loc["skewed", "largest class % (median)"] == 70.0
+    assert table.loc["even", "classes >= 10% (median)"] == 3.0
