@@ -14,7 +14,7 @@ export FL_CORE_RUNS ?= $(CURDIR)/runs
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 # `make setup`: everything, tests and Flower included. The book needs less (no Flower, no Ray) and
-# installs only its part (on the 2-core machine 97 s instead of 104; the book's budget is 30 min).
+# installs only its part (on the 2-core machine 97 s instead of 104; the book's budget is ~30 min).
 setup: $(VENV)/.installed
 
 $(VENV)/.installed-book: pyproject.toml

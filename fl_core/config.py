@@ -275,7 +275,7 @@ PROFILES: dict[str, dict] = {
         "fl.lr": 0.1,
         "fl.eval_batch_size": 128,  # small batches evaluate twice as fast on a 2-core CPU
         # ResNet-8 at 8/16/32 channels (20k parameters, plenty for MNIST): runs train ~1.6x faster
-        # than at width 0.25, which is what brings the whole book under 30 minutes on 2 cores.
+        # than at width 0.25, which brought the whole book to 30 minutes on the fastest 2-core CPU we had.
         "model.width": 0.125,
         # At this width the student must learn fast enough to take over from the DWD teacher: with
         # lr 0.05 it ends stage 1 at 50% zero-shot accuracy (seed 7), with 0.1 at 89%.
