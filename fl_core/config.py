@@ -49,6 +49,12 @@ def dataset_facts(d: "DataConfig") -> DatasetFacts:
                         already_long_tailed=d.imbalance_factor == 1)
 
 
+def fixed_long_tail(dataset: str) -> bool:
+    """Whether the dataset's own lists fix its long tail (``imagenet_lt``), so that
+    ``data.imbalance_factor`` does not apply to it (and must stay 1)."""
+    return dataset in DATASETS and DATASETS[dataset].already_long_tailed
+
+
 def data_content(d: "DataConfig") -> dict:
     """What a result's hash needs of the data besides its settings: for ``imagefolder``, whose folder
     may hold other images later, a signature of the files; nothing for the fixed datasets."""
@@ -382,6 +388,9 @@ def validate(cfg: ExperimentConfig) -> None:
                          "sequential; use fl.client_training=vectorized (or auto on CUDA), or fl.compile=auto or off")
     _choice("profile", cfg.profile, PROFILES)
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
+    if fixed_long_tail(d.dataset) and d.imbalance_factor != 1:
+        raise ValueError(f"data.imbalance_factor={d.imbalance_factor:g} does not apply to {d.dataset}: its training list "
+                         "is long-tailed already and is used as it is; leave data.imbalance_factor at 1")
     if not d.alpha > 0:
         raise ValueError(f"data.alpha={d.alpha!r} is invalid: the Dirichlet concentration must be > 0")
     _at_least("data.num_clients", d.num_clients, 1)

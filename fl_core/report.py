@@ -203,6 +203,8 @@ def results_table(records: list[dict], digits: int = 1) -> pd.DataFrame:
 def sweep_table(grids: dict[str, list[dict]], columns=("top1", LAST_COLUMN, "tail")) -> pd.DataFrame:
     """``results_table``'s ``columns`` for each setting side by side, one column group per key of
     ``grids`` (its label, e.g. ``"IF 10"``), rows in order of first appearance."""
+    if not grids:
+        return pd.DataFrame()
     return pd.concat({label: results_table(records)[list(columns)] for label, records in grids.items()}, axis=1)
 
 
