@@ -1,5 +1,5 @@
-"""The book shows every notebook, and every notebook runs on the smoke profile by default (what
-nbval executes and `make book` overrides)."""
+"""The book shows every notebook; every notebook runs on the smoke profile by default (what nbval
+executes and `make book` overrides); and what nbval compares holds in any checkout."""
 
 import re
 from pathlib import Path
