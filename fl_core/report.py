@@ -14,6 +14,8 @@ from fl_core.metrics import GROUP_NAMES
 GROUP_LABELS = {"many": "many (>{many})", "medium": "medium ({few}-{many})", "few": "few (<{few})"}
 METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
 METHOD_COLORS = dict(zip(METHOD_NAMES, sns.color_palette("colorblind", len(METHOD_NAMES))))
+# every method as a grid's variants ({label: overrides}), for the comparison pages
+METHOD_VARIANTS = {name: {"method.name": method} for method, name in METHOD_NAMES.items()}
 
 
 def _group_of(groups: dict, names) -> dict[int, str]:
