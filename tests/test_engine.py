@@ -89,7 +89,7 @@ def test_predict_matches_a_plain_forward_and_leaves_the_model_trainable():
     with torch.no_grad():
         expected = model(pipe.normalize(data.images))[1].argmax(1)
     model.train()
-    assert torch.equal(predict(model, data, pipe, batch_size=16), expected)  # evaluated channels-last on CPU
+    assert torch.equal(predict(model, data, pipe, batch_size=16), expected)  # BN folded, channels-last on CPU
     assert model.training
     assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
     local_sgd(model, data, pipe, torch.Generator().manual_seed(1), SGDSettings(1, 16, 0.1))  # still trains

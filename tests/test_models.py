@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fl_core.config import ModelConfig
-from fl_core.models import ResNet8, build_model
+from fl_core.models import ResNet8, build_model, inference_model
 
 
 def test_resnet8_is_creffs_resnet8():
@@ -55,3 +55,46 @@ def test_initialisation_is_seeded_and_leaves_the_global_rng_alone():
 def test_unknown_arch():
     with pytest.raises(ValueError, match="choose one of"):
         build_model(ModelConfig(arch="vit"), "mnist", 10, 1, seed=0)
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "resnet8_clip2fl", "resnet50"])
+def test_inference_model_folds_batchnorm_and_computes_the_same_function(arch):
+    dataset = "imagenet_lt" if arch == "resnet50" else "cifar10"
+    model = build_model(ModelConfig(arch=arch, width=0.25), dataset, 10, 3, seed=0).double()  # rounding aside
+    with torch.no_grad():  # running statistics far from the initial ones, so that folding has work to do
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    model.train()
+    fast = inference_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    with torch.no_grad():
+        got = fast(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # the model itself is left as it was
+    assert model.training and all(p.requires_grad and p.is_contiguous() for p in model.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_inference_model_of_a_model_fx_cannot_trace_is_an_unfused_copy():
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: symbolic tracing fails
+                x = -x
+            return self.bn(self.conv(x))
+
+    model = DataDependent()
+    fast = inference_model(model)
+    assert isinstance(fast.bn, torch.nn.BatchNorm2d) and not fast.training and model.training
+    x = torch.randn(2, 1, 5, 5)
+    model.eval()
+    torch.testing.assert_close(fast(x), model(x))

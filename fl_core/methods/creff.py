@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from fl_core.data.augment import DSA_FAMILIES, dsa_augment
 from fl_core.fl.sampling import client_generator
 from fl_core.methods.base import ClientResult, Method
-from fl_core.metrics import tensor_bytes
+from fl_core.metrics import inference_batch, tensor_bytes
+from fl_core.models import inference_model
 
 SERVER_STREAM = 2_000_003  # client-id slot of the server's generator
 
@@ -118,12 +119,13 @@ class CReFF(Method):
 
     # -- client ---------------------------------------------------------------------------------
     def client_update(self, engine, client_id: int, generator: torch.Generator) -> ClientResult:
-        gradients = self.client_class_gradients(engine, client_id, generator)
+        gradients = self.client_class_gradients(engine, inference_model(engine.model), client_id, generator)
         return self._with_gradients(super().client_update(engine, client_id, generator), *gradients)
 
     def train_together(self, engine, client_ids: list[int], generators: list[torch.Generator]) -> list[ClientResult]:
         # each client draws its class gradients' batches first, as it does alone
-        gradients = [self.client_class_gradients(engine, k, g) for k, g in zip(client_ids, generators)]
+        backbone = inference_model(engine.model)
+        gradients = [self.client_class_gradients(engine, backbone, k, g) for k, g in zip(client_ids, generators)]
         results = super().train_together(engine, client_ids, generators)
         return [self._with_gradients(result, *pair) for result, pair in zip(results, gradients)]
 
@@ -135,12 +137,13 @@ class CReFF(Method):
         return result
 
     @torch.no_grad()
-    def client_class_gradients(self, engine, client_id: int, generator: torch.Generator) -> tuple[dict, int]:
+    def client_class_gradients(self, engine, backbone: nn.Module, client_id: int,
+                               generator: torch.Generator) -> tuple[dict, int]:
         """{class: (grad W, grad b)} of the re-trained classifier on the client's classes, averaged
         over repetitions; each repetition draws up to ``creff_grad_batch`` images per class and
-        DSA-augments them (one family and one parameter draw per class)."""
+        DSA-augments them (one family and one parameter draw per class). ``backbone``: the global
+        model in its inference form (``inference_model``), which gives the features."""
         m, data = self.cfg.method, engine.data.clients[client_id]
-        model = engine.worker_model().eval()
         weight, bias = self.classifier
         classes = torch.unique(data.labels).tolist()
         families = DSA_FAMILIES if engine.data.pipeline.flip else tuple(f for f in DSA_FAMILIES if f != "flip")
@@ -153,7 +156,7 @@ class CReFF(Method):
         idx = torch.cat(picks)
         x = dsa_augment(engine.data.pipeline.normalize(data.images[idx]), groups, generator, families)
         chunk = engine.cfg.fl.eval_batch_size  # a few thousand images: in chunks, 1.25x faster on CPU
-        feats = torch.cat([model(x[i : i + chunk])[0] for i in range(0, len(x), chunk)])
+        feats = torch.cat([backbone(inference_batch(x[i : i + chunk]))[0] for i in range(0, len(x), chunk)])
         gw, gb = classifier_gradients(feats, data.labels[idx], weight, bias, groups, len(picks))
         gw = gw.view(reps, len(classes), *weight.shape).mean(0)
         gb = gb.view(reps, len(classes), weight.shape[0]).mean(0)
