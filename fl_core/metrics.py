@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fl_core.data.augment import ImagePipeline
 from fl_core.data.datasets import ImageSplit
-from fl_core.models import inference_model
+from fl_core.models import inference_batch, inference_model
 
 GROUP_NAMES = ("many", "medium", "few", "head", "middle", "tail")
 
@@ -26,13 +26,6 @@ def _predict(model: nn.Module, split: ImageSplit, pipeline: ImagePipeline, batch
     preds = [model(inference_batch(pipeline.normalize(split.images[i : i + batch_size])))[1].argmax(1)
              for i in range(0, len(split), batch_size)]
     return torch.cat(preds)
-
-
-def inference_batch(images: torch.Tensor) -> torch.Tensor:
-    """Images in the layout ``inference_model`` runs fastest in: channels-last on a CPU."""
-    if images.device.type == "cpu" and images.dim() == 4:
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
 
 
 def per_class_accuracy(preds, labels, num_classes: int) -> np.ndarray:

@@ -112,6 +112,13 @@ def inference_model(model: nn.Module) -> nn.Module:
     return copied.requires_grad_(False)
 
 
+def inference_batch(images: torch.Tensor) -> torch.Tensor:
+    """Images in the layout ``inference_model`` runs fastest in: channels-last on a CPU."""
+    if images.device.type == "cpu" and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def _creff_init(model: nn.Module) -> None:
     """CReFF's initialisation: conv weights ~ N(0, 2 / (k*k*out)), BN weight 1 and bias 0."""
     for m in model.modules():

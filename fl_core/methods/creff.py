@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from fl_core.data.augment import DSA_FAMILIES, dsa_augment
 from fl_core.fl.sampling import client_generator
 from fl_core.methods.base import ClientResult, Method
-from fl_core.metrics import inference_batch, tensor_bytes
-from fl_core.models import inference_model
+from fl_core.metrics import tensor_bytes
+from fl_core.models import inference_batch, inference_model
 
 SERVER_STREAM = 2_000_003  # client-id slot of the server's generator
 
