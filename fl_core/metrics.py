@@ -38,8 +38,10 @@ def per_class_accuracy(preds, labels, num_classes: int) -> np.ndarray:
 
 
 def group_accuracy(per_class: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Mean per-class accuracy of each group; ``None`` for a group without classes."""
-    return {name: (float(np.nanmean(per_class[idx])) if len(idx) else None) for name, idx in groups.items()}
+    """Mean per-class accuracy of each group over its classes with test images; ``None`` for a group
+    without any (no classes, or none in the test set)."""
+    return {name: (float(np.nanmean(per_class[idx])) if not np.isnan(per_class[idx]).all() else None)
+            for name, idx in groups.items()}
 
 
 def evaluate(model, split: ImageSplit, pipeline: ImagePipeline, groups: dict, num_classes: int, batch_size: int = 500) -> dict:

@@ -15,7 +15,7 @@ from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
 from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local_sgd, weighted_average
 from fl_core.methods import FedAvg
-from fl_core.metrics import predict
+from fl_core.metrics import group_accuracy, per_class_accuracy, predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
@@ -93,6 +93,14 @@ def test_predict_matches_a_plain_forward_and_leaves_the_model_trainable():
     assert model.training
     assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
     local_sgd(model, data, pipe, torch.Generator().manual_seed(1), SGDSettings(1, 16, 0.1))  # still trains
+
+
+def test_group_accuracy_averages_the_classes_with_test_images():
+    per_class = per_class_accuracy(torch.tensor([0, 1, 1, 3]), torch.tensor([0, 1, 2, 3]), num_classes=5)
+    assert per_class[:4].tolist() == [1.0, 1.0, 0.0, 1.0] and np.isnan(per_class[4])  # class 4: no test image
+    groups = {"head": np.array([0, 1]), "middle": np.array([2, 4]), "tail": np.array([4]), "none": np.array([], int)}
+    # a group whose classes have no test image has no accuracy (None, not NaN: records are JSON)
+    assert group_accuracy(per_class, groups) == {"head": 1.0, "middle": 0.0, "tail": None, "none": None}
 
 
 def test_same_config_same_record(tiny_config, tmp_path):
