@@ -434,6 +434,10 @@ def validate(cfg: ExperimentConfig) -> None:
                  "clip2fl_contrast_temperature"):
         if not getattr(mc, name) > 0:
             raise ValueError(f"method.{name}={getattr(mc, name)!r} is invalid: it must be > 0")
+    if mc.name == "mllm_fl" and mc.stage1 and m.arch == "resnet8_clip2fl":
+        raise ValueError("model.arch=resnet8_clip2fl does not go with mllm_fl's stage 1, which pretrains the federated "
+                         "model with a projection of its own and folds it into the classifier; use model.arch=auto, "
+                         "resnet8 or resnet50 (or method.stage1=false)")
     if not 0 <= mc.lambda0 <= 1:
         raise ValueError(f"method.lambda0={mc.lambda0!r} is invalid: the DWD teacher weight must lie in [0, 1]")
     _at_least("method.gamma", mc.gamma, 0)
@@ -453,6 +457,34 @@ def validate(cfg: ExperimentConfig) -> None:
             f"data.num_clients={d.num_clients} is invalid: the long-tailed training set of "
             f"{d.dataset} has only about {images} images; use at most {images} clients"
         )
+    _check_web_pool(cfg, images)
+
+
+def _check_web_pool(cfg: ExperimentConfig, kept_images: int) -> None:
+    """A method that works on the server's web pool (MLLM-FL; CLIP2FL with the offline encoder,
+    which is fitted on the captioned pool) must get one its MLLM can annotate: found before any data
+    is loaded (ImageNet-LT's images take minutes to decode the first time)."""
+    d, t, name = cfg.data, cfg.teacher, cfg.method.name
+    if not (name == "mllm_fl" or (name == "clip2fl" and t.clip == "offline")):
+        return
+    who = "mllm_fl" if name == "mllm_fl" else "clip2fl with teacher.clip=offline (its encoder is fitted on the captioned pool)"
+    if d.web_pool != "heldout":
+        if t.mllm == "simulated":
+            raise ValueError(
+                f"teacher.mllm=simulated answers from the hidden labels of a held-out pool, but data.web_pool="
+                f"{d.web_pool!r} is images of your own, without labels; use a real MLLM (teacher.mllm=hf), or "
+                "data.web_pool=heldout")
+        return
+    facts = dataset_facts(d)
+    if facts.heldout_split or kept_images < min(d.train_limit or facts.train_size, facts.train_size):
+        return
+    why = ("its training list is the long tail as it is" if fixed_long_tail(d.dataset)
+           else f"data.imbalance_factor={d.imbalance_factor:g}")
+    example = ", e.g. ImageNet training images that ImageNet_LT_train.txt does not list" if d.dataset == "imagenet_lt" else ""
+    raise ValueError(
+        f"data.web_pool=heldout would be empty: the long tail keeps every {d.dataset} training image ({why}), and "
+        f"{who} needs a pool of server-side images. Pass data.web_pool=PATH: a folder of images (optionally with "
+        f"captions.jsonl) or a glob of .tar shards{example}")
 
 
 def expected_train_images(cfg: ExperimentConfig) -> int:

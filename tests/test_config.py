@@ -48,11 +48,34 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
         ({"cpu_threads": -1}, r"cpu_threads=-1 is invalid: it must be >= 0 \(0 means torch's default"),
+        ({"method.name": "mllm_fl", "model.arch": "resnet8_clip2fl"}, r"model\.arch=resnet8_clip2fl does not go with mllm_fl's stage 1"),
     ],
 )
 def test_bad_settings_name_the_field_the_value_and_what_is_valid(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         make_config("smoke", overrides)
+
+
+@pytest.mark.parametrize(
+    "profile, overrides, pattern",
+    [
+        ("paper-imagenet", {"method.name": "mllm_fl"},
+         r"data\.web_pool=heldout would be empty: .* every imagenet_lt training image .* mllm_fl needs .* data\.web_pool=PATH"),
+        ("paper-cifar10", {"method.name": "mllm_fl", "data.imbalance_factor": 1},
+         r"every cifar10 training image \(data\.imbalance_factor=1\)"),
+        ("paper-imagenet", {"method.name": "clip2fl", "teacher.clip": "offline"},
+         r"clip2fl with teacher\.clip=offline .* needs a pool"),
+        ("smoke", {"method.name": "mllm_fl", "data.web_pool": "/data/web/*.tar"},
+         r"teacher\.mllm=simulated answers from the hidden labels .* use a real MLLM \(teacher\.mllm=hf\)"),
+    ],
+)
+def test_a_method_that_needs_the_web_pool_gets_one_its_mllm_can_annotate(profile, overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make_config(profile, overrides)
+    # what these methods run with: a pool of your own (and a real MLLM), or one that exists
+    make_config(profile, {**overrides, "data.web_pool": "/data/web/*.tar", "teacher.mllm": "hf"})
+    make_config("paper-imagenet", {"method.name": "clip2fl"})  # open_clip needs no pool
+    make_config("offline", {"method.name": "mllm_fl"})  # MNIST holds out its validation split
 
 
 def test_unknown_profile():
