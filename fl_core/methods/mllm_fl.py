@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from fl_core.config import ExperimentConfig, data_content, dataset_facts
 from fl_core.fl.sampling import client_generator
@@ -24,13 +26,15 @@ from fl_core.methods.align import AlignmentSet, align_model, build_alignment_set
 from fl_core.methods.base import Method
 from fl_core.methods.pretrain import fold_projection, pretrain_student, text_classifier
 from fl_core.metrics import GROUP_NAMES
-from fl_core.models import ResNet8
+from fl_core.models import build_model, resolve_arch
 from fl_core.results import computed_once, save_torch
 
 ALIGN_STREAM = 1_000_003  # client-id slot of the server's alignment generator (never a real client)
 STAGE1_METHOD_KEYS = ("stage1_epochs", "stage1_batch_size", "stage1_lr", "dwd", "lambda0", "lambda_schedule",
                       "temperature", "gamma")
 PARTITION_ONLY_KEYS = ("data.num_clients", "data.alpha", "data.partition", "data.min_client_size")
+# the federated model's architecture with a linear layer ``pi`` before the classifier: stage 1's student
+WITH_PROJECTION = {"resnet8": "resnet8_clip2fl", "resnet50": "resnet50"}
 
 
 def stage1_cache_path(cfg: ExperimentConfig) -> Path | None:
@@ -55,6 +59,17 @@ def stage1_fingerprint(cfg: ExperimentConfig) -> str:
     settings = {**{k: flat[k] for k in keys}, **data_content(cfg.data)}
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage1_student(cfg: ExperimentConfig, num_classes: int, channels: int, text_dim: int) -> nn.Module:
+    """Stage 1's student ``W o pi o g``: the federated model's architecture (ResNet-8, or ResNet-50 on
+    ImageNet-LT) with a projection ``pi`` to the text width, which ``fold_projection`` folds into the
+    classifier afterwards; weights drawn from ``cfg.seed``."""
+    arch = resolve_arch(cfg.model, cfg.data.dataset)
+    if arch not in WITH_PROJECTION:
+        raise ValueError(f"model.arch={arch!r} has no stage-1 student: MLLM-FL pretrains {', '.join(WITH_PROJECTION)}")
+    model_cfg = dataclasses.replace(cfg.model, arch=WITH_PROJECTION[arch])
+    return build_model(model_cfg, cfg.data.dataset, num_classes, channels, cfg.seed, projection_dim=text_dim)
 
 
 class MLLMFL(Method):
@@ -116,10 +131,7 @@ class MLLMFL(Method):
         teacher_emb = encoder.encode_image(pool.images) if m.dwd else None
         images = pool.images.to(engine.device)
         data = engine.data
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)
-            student = ResNet8(data.num_classes, data.dataset.channels, self.cfg.model.width,
-                              projection_dim=caption_emb.shape[1]).to(engine.device)
+        student = stage1_student(self.cfg, data.num_classes, data.dataset.channels, caption_emb.shape[1]).to(engine.device)
         curves = pretrain_student(
             student, images, caption_emb, caption_ids, teacher_emb, data.pipeline,
             client_generator(self.cfg.seed, 0, ALIGN_STREAM + 1),
