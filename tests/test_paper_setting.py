@@ -13,7 +13,7 @@ from fl_core.config import make_config
 from fl_core.data import load_dataset
 from fl_core.experiment import run_experiment
 from fl_core.methods.clip2fl import CLIP2FL
-from tiny_teachers import TINY_CLIP, TINY_CLIP_CONFIG, save_tiny_llava, save_tiny_open_clip
+from tiny_teachers import TINY_CLIP_CONFIG, save_tiny_llava, save_tiny_open_clip
 
 # torchvision's python format: folder, training files, test file, meta file and its class-name key
 CIFAR_FORMAT = {
@@ -81,9 +81,9 @@ def paper_overrides(tmp_path_factory):
     """The paper-cifar10 profile pointed at fake CIFAR-10 and the tiny teachers' local files."""
     root = tmp_path_factory.mktemp("paper")
     write_fake_cifar(root / "data", "cifar10", train_per_class=40, test_per_class=5)
-    return {**SMALL_FEDERATION, "data.root": str(root / "data"),
-            "teacher.mllm_model": str(save_tiny_llava(root / "llava")),
-            "teacher.clip_model": TINY_CLIP, "teacher.clip_pretrained": str(save_tiny_open_clip(root / "clip"))}
+    clip_config, clip_weights = save_tiny_open_clip(root / "clip")
+    return {**SMALL_FEDERATION, "data.root": str(root / "data"), "teacher.mllm_model": str(save_tiny_llava(root / "llava")),
+            "teacher.clip_model": str(clip_config), "teacher.clip_pretrained": str(clip_weights)}
 
 
 @pytest.mark.slow
@@ -96,7 +96,7 @@ def test_mllm_fl_in_the_paper_setting_runs_its_three_stages_with_the_real_backen
     method = record["method"]
     teachers = method["teachers"]
     assert teachers["mllm"]["backend"] == "hf" and paper_overrides["teacher.mllm_model"] in teachers["mllm"]["model"]
-    assert teachers["encoder"] == f"open_clip:{TINY_CLIP}:{paper_overrides['teacher.clip_pretrained']}"
+    assert teachers["encoder"] == f"open_clip:{paper_overrides['teacher.clip_model']}:{paper_overrides['teacher.clip_pretrained']}"
     assert teachers["encoder_fit"] == {}  # CLIP is aligned already: rho is the identity
     # the pool: training images the long tail dropped, labels hidden from the methods but there to
     # measure the MLLM's annotation accuracy

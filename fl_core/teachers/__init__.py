@@ -9,7 +9,7 @@ from fl_core.config import ExperimentConfig
 from fl_core.data.webpool import WebPool
 from fl_core.teachers.annotate import Annotation, annotate_pool
 from fl_core.teachers.cache import TeacherCache, cache_root
-from fl_core.teachers.encoders import ImageTextEncoder, OfflineCLIP, OpenCLIPEncoder
+from fl_core.teachers.encoders import ImageTextEncoder, OfflineCLIP, OpenCLIPEncoder, open_clip_architecture
 from fl_core.teachers.hf_mllm import HFMultimodalLLM, TeacherUnavailableError
 from fl_core.teachers.simulated import SimulatedMLLM
 
@@ -38,10 +38,7 @@ def text_embedding_dim(teacher) -> int:
         return 384  # all-MiniLM-L6-v2
     import open_clip
 
-    config = open_clip.get_model_config(teacher.clip_model)
-    if config is None:
-        raise ValueError(f"teacher.clip_model={teacher.clip_model!r} is not an open_clip model; see open_clip.list_models()")
-    return int(config["embed_dim"])
+    return int(open_clip.get_model_config(open_clip_architecture(teacher.clip_model))["embed_dim"])
 
 
 __all__ = [

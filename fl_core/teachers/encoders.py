@@ -124,11 +124,12 @@ class OpenCLIPEncoder(ImageTextEncoder):
 
         how = (f"Pass a local checkpoint with --set teacher.clip_pretrained=/path/to/open_clip_pytorch_model.bin, "
                "or allow the download with --set teacher.allow_download=true")
-        if pretrained and not allow_download and not Path(pretrained).is_file() and not _open_clip_cached(model_name, pretrained):
+        arch = open_clip_architecture(model_name)
+        if pretrained and not allow_download and not Path(pretrained).is_file() and not _open_clip_cached(arch, pretrained):
             raise TeacherUnavailableError(f"open_clip {model_name} weights {pretrained!r} are not in the local cache. {how}")
         try:
-            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None, device=self.device)
-            self.tokenizer = open_clip.get_tokenizer(model_name)
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None, device=self.device)
+            self.tokenizer = open_clip.get_tokenizer(arch)
         except (RuntimeError, OSError, ValueError) as err:
             raise TeacherUnavailableError(
                 f"open_clip {model_name} with pretrained={pretrained!r} could not be loaded ({str(err).splitlines()[0][:200]}). {how}"
@@ -214,6 +215,24 @@ class OfflineCLIP(ImageTextEncoder):
         self.projection = nn.Linear(*state["weight"].T.shape)
         self.projection.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         return self.fit_info
+
+
+def open_clip_architecture(spec: str) -> str:
+    """The open_clip model name that ``teacher.clip_model`` gives: one of open_clip's own
+    (``open_clip.list_models()``), or the path of a model config of your own (a ``.json`` file in
+    open_clip's format), which is registered with open_clip under its file name."""
+    import open_clip
+
+    if spec.endswith(".json"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"teacher.clip_model={spec!r} names a model config file that does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(spec) is None:
+        raise ValueError(f"teacher.clip_model={spec!r} is not an open_clip model; see open_clip.list_models(), or "
+                         "pass the path of a model config .json of your own")
+    return spec
 
 
 def _open_clip_cached(model_name: str, tag: str) -> bool:
