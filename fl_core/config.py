@@ -193,7 +193,7 @@ class TeacherConfig:
     mllm_accuracy: float = 0.9  # label accuracy of the simulated MLLM
     caption_prompt: str = "Describe this image in one short sentence."
     clip: str = "offline"  # 'offline' (MiniLM text + EfficientNet-Lite0 image + fitted map) or 'open_clip'
-    clip_model: str = "ViT-B-32"  # open_clip architecture
+    clip_model: str = "ViT-B-32"  # open_clip architecture, or the path of an open_clip model config .json
     clip_pretrained: str = "openai"  # open_clip pretrained tag or a local checkpoint path
     image_size: int = 64  # input side of the offline image encoder (CLIP backends use their own)
     align_steps: int = 300  # steps fitting the offline image->text map on the captioned pool
@@ -447,6 +447,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _choice("teacher.clip", t.clip, CLIP_BACKENDS)
     if not 0 <= t.mllm_accuracy <= 1:
         raise ValueError(f"teacher.mllm_accuracy={t.mllm_accuracy!r} is invalid: it must lie in [0, 1]")
+    if t.mllm != "simulated" and t.mllm_accuracy != TeacherConfig.mllm_accuracy:
+        raise ValueError(f"teacher.mllm_accuracy={t.mllm_accuracy:g} applies to the simulated MLLM only, but teacher.mllm="
+                         f"{t.mllm}: a real MLLM's accuracy is measured on the pool, not set; leave teacher.mllm_accuracy "
+                         f"at {TeacherConfig.mllm_accuracy:g}")
     _at_least("teacher.image_size", t.image_size, 16)
     _at_least("teacher.align_steps", t.align_steps, 0)
     _at_least("teacher.batch_size", t.batch_size, 1)

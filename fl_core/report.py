@@ -376,6 +376,9 @@ def _legend_outside(ax) -> None:
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False)
 
 
+ARCH_NAMES = {"resnet8": "ResNet-8", "resnet8_clip2fl": "ResNet-8 + linear layer", "resnet50": "ResNet-50"}
+
+
 def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
     """Zero-shot accuracy (%) of the frozen CLIP-role encoder and of the student after stage 1."""
     names = record["data"]["class_names"]
@@ -384,7 +387,7 @@ def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
     student = record["method"]["pretraining"]["zero_shot"]
     label = "offline encoder (not CLIP)" if server.encoder.name.startswith("offline") else server.encoder.name
     rows = {f"teacher: {label}": {"top1": round(100 * teacher_top1, 1), **{g: "" for g in GROUP_NAMES}},
-            "student after stage 1 (ResNet-8)": {
+            f"student after stage 1 ({ARCH_NAMES.get(record['arch'], record['arch'])})": {
                 "top1": round(100 * student["top1"], 1),
                 **{g: "n/a" if student[g] is None else round(100 * student[g], 1) for g in GROUP_NAMES}}}
     return pd.DataFrame.from_dict(rows, orient="index")

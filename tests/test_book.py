@@ -1,10 +1,13 @@
 """The book shows every notebook; every notebook runs on the smoke profile by default (what nbval
-executes and `make book` overrides); and what nbval compares holds in any checkout."""
+executes and `make book` overrides) and to its end on the paper profiles' code path; and what nbval
+compares holds in any checkout."""
 
 import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +47,39 @@ def test_compared_outputs_name_no_path_of_the_machine_that_stored_them():
             for output in cell.get("outputs", []):
                 text = output.get("text", "") + str(output.get("data", {}).get("text/plain", ""))
                 assert not absolute_path.search(text), f"{path.name}: {absolute_path.search(text).group()}"
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_to_its_end_on_the_paper_profiles_code_path(tmp_path, monkeypatch):
+    """`make book PROFILE=paper-cifar10` at toy scale: the profile's real teachers (a tiny random
+    LLaVA through transformers, a tiny random open_clip model, both from local files), images of
+    your own in place of CIFAR (whose loading tests/test_paper_setting.py covers), two rounds, one
+    seed. What a GPU user would otherwise find out after hours of runs: a page that assumes the
+    simulated MLLM or the offline encoder."""
+    import papermill
+    from PIL import Image
+
+    from tiny_teachers import save_tiny_llava, save_tiny_open_clip
+
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))  # the kernels inherit the environment
+    rng = np.random.RandomState(0)
+    for split, counts in (("train", (40, 30, 20, 12, 8, 5)), ("test", (4,) * 6)):
+        for c, n in enumerate(counts):
+            folder = tmp_path / "images" / split / f"thing{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.rand(36, 36, 3) * 60 + 30 * c).astype(np.uint8)).save(folder / f"{i}.png")
+    clip_config, clip_weights = save_tiny_open_clip(tmp_path / "clip")
+    overrides = {"data.dataset": "imagefolder", "data.root": str(tmp_path / "images"), "data.imbalance_factor": 2.0,
+                 "teacher.mllm_model": str(save_tiny_llava(tmp_path / "llava")), "teacher.clip_model": str(clip_config),
+                 "teacher.clip_pretrained": str(clip_weights), "teacher.batch_size": 8, "device": "cpu",
+                 "cpu_threads": 1, "fl.rounds": 2, "data.num_clients": 4, "fl.clients_per_round": 2,
+                 "model.width": 0.125, "method.stage1_epochs": 1, "method.align_per_class": 2,
+                 "method.creff_num_features": 5, "method.creff_match_steps": 3, "method.creff_retrain_epochs": 2}
+    for path in NOTEBOOKS:
+        parameters = {"profile": "paper-cifar10", "overrides": overrides}
+        source = next(c.source for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        parameters.update({name: [7] for name in ("seeds", "sweep_seeds") if re.search(rf"^{name} =", source, re.M)})
+        executed = papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=parameters,
+                                              progress_bar=False, kernel_name="python3")
+        assert executed.metadata.papermill.exception is not True, path.name

@@ -49,6 +49,7 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
         ({"cpu_threads": -1}, r"cpu_threads=-1 is invalid: it must be >= 0 \(0 means torch's default"),
         ({"method.name": "mllm_fl", "model.arch": "resnet8_clip2fl"}, r"model\.arch=resnet8_clip2fl does not go with mllm_fl's stage 1"),
+        ({"teacher.mllm": "hf", "teacher.mllm_accuracy": 0.7}, r"teacher\.mllm_accuracy=0\.7 applies to the simulated MLLM only"),
     ],
 )
 def test_bad_settings_name_the_field_the_value_and_what_is_valid(overrides, pattern):
