@@ -212,6 +212,8 @@ def test_open_clip_architecture_is_one_of_open_clips_or_a_config_of_your_own(tmp
         open_clip_architecture("ViT-Q-99")
     with pytest.raises(ValueError, match=r"teacher\.clip_model='.*nope\.json' names a model config file that does not exist"):
         open_clip_architecture(str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match=r"hf-hub:/local-dir: names are not taken; pass the path of the model's config"):
+        open_clip_architecture("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")  # would read its config from the hub
 
 
 def test_missing_open_clip_weights_fail_fast(cache):

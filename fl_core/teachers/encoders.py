@@ -223,6 +223,10 @@ def open_clip_architecture(spec: str) -> str:
     open_clip's format), which is registered with open_clip under its file name."""
     import open_clip
 
+    if spec.startswith(("hf-hub:", "local-dir:")):  # open_clip would read their config from the hub
+        raise ValueError(f"teacher.clip_model={spec!r}: open_clip's hf-hub:/local-dir: names are not taken; pass the "
+                         "path of the model's config .json (open_clip_config.json's model_cfg) and its weights in "
+                         "teacher.clip_pretrained")
     if spec.endswith(".json"):
         path = Path(spec).expanduser()
         if not path.is_file():
