@@ -1,5 +1,6 @@
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,17 @@ def test_long_tail_keeps_all_of_a_short_class_and_warns():
         kept = long_tail_class_lists(labels, 3, 1.0, seed=0)
     assert [len(k) for k in kept] == [3, 14, 14]
     assert all((labels[k] == c).all() for c, k in enumerate(kept))
+
+
+def test_a_short_class_is_reported_once_per_process():
+    labels = np.array([0] * 2 + [1] * 20 + [2] * 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):  # catch_warnings in between resets Python's own once-per-location rule
+            with warnings.catch_warnings():
+                long_tail_class_lists(labels, 3, 1.0, seed=0)
+    assert [str(w.message) for w in caught if "class 0: 2 < 14" in str(w.message)] == [
+        "long tail: some classes have fewer images than asked, all kept (class 0: 2 < 14)"]
 
 
 @pytest.mark.parametrize("method", ["creff", "dirichlet", "iid"])
