@@ -41,6 +41,8 @@ book: $(VENV)/.installed-book
 	for nb in $(filter-out $(BESIDE_STAGE1) notebooks/02_stage1.ipynb,$(NOTEBOOKS)); do \
 	  $(call execute,$$nb,--progress-bar) || exit 1; \
 	done
+	@# each progress bar as its last state, not one line per update (myst-nb keeps them all)
+	$(VENV)/bin/jupyter nbconvert --to notebook --inplace --CoalesceStreamsPreprocessor.enabled=True --log-level WARN book/*.ipynb
 	$(VENV)/bin/jupyter-book build --quiet book
 	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
 
