@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -55,6 +56,18 @@ def test_folder_pool_reads_captions_and_skips_unreadable_images(tmp_path):
         pool = load_web_pool(str(tmp_path), fake_dataset(channels=1, size=28))
     assert pool.images.shape == (2, 1, 28, 28) and pool.skipped == 1
     assert pool.alt_texts == ["a red square", None] and not pool.has_hidden_labels
+
+
+def test_unreadable_images_are_reported_once_per_process(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):  # catch_warnings in between resets Python's own once-per-location rule
+            with warnings.catch_warnings():
+                assert load_web_pool(str(tmp_path), fake_dataset(channels=1, size=28)).skipped == 1
+    assert [str(w.message) for w in caught] == [f"web pool image folder {tmp_path}: 1 unreadable images or shards skipped"]
+    assert caught[0].filename == __file__  # reported where the pool was asked for
 
 
 def write_shard(path, samples):

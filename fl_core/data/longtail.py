@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+from fl_core.notices import warn_once
 
 
 def long_tail_counts(train_size: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -43,16 +43,5 @@ def long_tail_class_lists(labels, num_classes: int, imbalance_factor: float, see
             short.append(f"class {c}: {len(indices)} < {counts[c]}")
         kept.append(np.asarray(indices[: counts[c]], dtype=np.int64))
     if short:
-        _warn_once("long tail: some classes have fewer images than asked, all kept (" + "; ".join(short) + ")")
+        warn_once("long tail: some classes have fewer images than asked, all kept (" + "; ".join(short) + ")")
     return kept
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    # Python's own once-per-location rule is reset whenever any library enters catch_warnings, so a
-    # process that builds the same data for many runs (a notebook's grid) would repeat it each time.
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)

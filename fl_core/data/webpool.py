@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import io
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from fl_core.data.datasets import Dataset, DataNotFoundError
+from fl_core.notices import warn_once
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
 HIDDEN_LABEL_READERS = {"simulated-mllm", "measure-annotation-accuracy"}
@@ -77,7 +77,7 @@ def load_web_pool(spec: str, dataset: Dataset, kept_train_indices: np.ndarray | 
             ".tar shards; e.g. --set data.web_pool=/data/web/{00000..00009}.tar is not expanded, use /data/web/*.tar"
         )
     if pool.skipped:
-        warnings.warn(f"web pool {pool.source}: {pool.skipped} unreadable images or shards skipped")
+        warn_once(f"web pool {pool.source}: {pool.skipped} unreadable images or shards skipped")
     if len(pool) == 0:
         raise DataNotFoundError(f"the web pool from {pool.source} holds no readable image")
     return pool.head(limit)
