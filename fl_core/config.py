@@ -387,6 +387,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ValueError("fl.compile=on compiles the step of clients trained together, but fl.client_training="
                          "sequential; use fl.client_training=vectorized (or auto on CUDA), or fl.compile=auto or off")
     _choice("profile", cfg.profile, PROFILES)
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed={cfg.seed} is invalid: it must be in 0..{2**32 - 1} (numpy's RandomState takes 32-bit seeds)")
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
     if fixed_long_tail(d.dataset) and d.imbalance_factor != 1:
         raise ValueError(f"data.imbalance_factor={d.imbalance_factor:g} does not apply to {d.dataset}: its training list "

@@ -111,6 +111,8 @@ def run_grids(profile: str, grids: dict, base: dict | None = None, progress: boo
     overrides)`` (those over ``base``), and the result maps each key to its ``run_grid`` records.
     Their pending runs share the workers, longest first (``longest_first``), so that no core idles
     at one grid's end while the next waits; a setting that recurs, within a grid or across, runs once."""
+    for _, seeds, *_ in grids.values():
+        _check_seeds(list(seeds))
     named = {key: [(name, make_config(profile, {**(base or {}), **(grid[2] if len(grid) > 2 else {}), **overrides,
                                                   "seed": seed}))
                    for name, overrides in grid[0].items() for seed in grid[1]]
@@ -126,6 +128,14 @@ def run_grids(profile: str, grids: dict, base: dict | None = None, progress: boo
     done.update(zip(todo, run_many(_run_grid_job, items, workers, progress=progress)))
     return {key: [{**done[str(default_run_dir(cfg))], "_variant": name} for name, cfg in configs]
             for key, configs in named.items()}
+
+
+def _check_seeds(seeds: list[int]) -> None:
+    # a repeated seed is the same run again: it would count twice in a mean and narrow its std
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if not seeds or repeated:
+        raise ValueError(f"seeds {seeds} are invalid: give one or more seeds, each once"
+                         + (f" ({', '.join(map(str, repeated))} repeated)" if repeated else ""))
 
 
 # a run's duration relative to FedAvg's, by method (offline profile, one thread: FedAvg and FedProx

@@ -112,6 +112,8 @@ def test_compare_sweeps_a_key_with_one_grid_per_value(tmp_path, monkeypatch):
     (["--sweep", "seed=1,2"], "--sweep cannot vary seed: compare varies it already, use --seeds or --methods"),
     (["--methods", "scaffold"], "invalid choice: 'scaffold'"),
     (["--seeds", "seven"], "invalid int value: 'seven'"),
+    (["--seeds", "7", "8", "7"], "seeds [7, 8, 7] are invalid: give one or more seeds, each once (7 repeated)"),
+    (["--seeds", "-1"], "seed=-1 is invalid: it must be in 0..4294967295"),
     (["--set", "fl.round=3"], "unknown config key 'fl.round'"),
     (["--set", "data.alpha=0"], "data.alpha=0.0 is invalid"),
 ])

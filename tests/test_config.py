@@ -48,6 +48,8 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
         ({"cpu_threads": -1}, r"cpu_threads=-1 is invalid: it must be >= 0 \(0 means torch's default"),
+        ({"seed": -3}, r"seed=-3 is invalid: it must be in 0\.\.4294967295"),
+        ({"seed": 2**32}, r"seed=4294967296 is invalid"),
         ({"method.name": "mllm_fl", "model.arch": "resnet8_clip2fl"}, r"model\.arch=resnet8_clip2fl does not go with mllm_fl's stage 1"),
         ({"teacher.mllm": "hf", "teacher.mllm_accuracy": 0.7}, r"teacher\.mllm_accuracy=0\.7 applies to the simulated MLLM only"),
     ],
