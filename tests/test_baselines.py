@@ -46,13 +46,13 @@ def test_matching_features_recover_a_known_classifier_gradient():
     real_w, real_b = classifier_gradients(hidden, labels, weight, bias, groups, c)
     syn = torch.randn(c * k, d, generator=g).requires_grad_(True)
     opt = torch.optim.SGD([syn], lr=0.1)
-    start = float(match_distance(*classifier_gradients(syn, labels, weight, bias, groups, c), real_w, real_b).sum())
+    start = match_distance(*classifier_gradients(syn, labels, weight, bias, groups, c), real_w, real_b).sum().item()
     for _ in range(300):
         loss = match_distance(*classifier_gradients(syn, labels, weight, bias, groups, c), real_w, real_b).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.05 * start
+    assert loss.item() < 0.05 * start
 
 
 def test_retraining_equals_linear_cross_entropy_sgd():
