@@ -143,7 +143,7 @@ def test_teacher_logits_once_per_image_give_the_same_losses_as_per_batch():
         def extra(logits, idx, cached=cached):
             t = cached[idx] if cached is not None else teacher_logits(data.images[idx])
             loss = kd_loss(logits, t, 3.0)
-            recorded.append(float(loss))
+            recorded.append(loss.item())
             return loss
 
         local_sgd(model, data, pipe, torch.Generator().manual_seed(1), SGDSettings(epochs=2, batch_size=16, lr=0.1),
