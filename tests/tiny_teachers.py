@@ -21,6 +21,12 @@ def tiny_llava():
 
     tokenizer = AutoTokenizer.from_pretrained(str(get_model_path()))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    # MiniLM's tokenizer.json truncates and pads to 128 tokens (a sentence encoder's setting), which
+    # transformers turns into default call arguments; LLaVA's tokenizer does neither
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    for key in ("max_length", "truncation_strategy"):
+        tokenizer.init_kwargs.pop(key, None)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
