@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -154,12 +156,17 @@ def last_rounds_top1(record: dict, k: int = LAST_ROUNDS) -> float:
     return 100 * float(np.mean(values))
 
 
+def _variant(record: dict) -> str:
+    """The record's variant name in a grid (``"_variant"``), or its method's."""
+    return record.get("_variant", record["method"]["name"])
+
+
 def results_frame(records: list[dict]) -> pd.DataFrame:
     """One row per run: variant, seed, final top-1 and group accuracies (%), client cost."""
     rows = []
     for r in records:
         final = r["final"]
-        rows.append({"variant": r.get("_variant", r["method"]["name"]), "method": r["method"]["name"],
+        rows.append({"variant": _variant(r), "method": r["method"]["name"],
                      "seed": r["config"]["seed"],
                      **{k: (None if final[k] is None else 100 * final[k]) for k in ("top1", *GROUP_NAMES)},
                      LAST_COLUMN: last_rounds_top1(r),
@@ -210,13 +217,25 @@ def sweep_table(grids: dict[str, list[dict]], columns=("top1", LAST_COLUMN, "tai
     return pd.concat({label: results_table(records)[list(columns)] for label, records in grids.items()}, axis=1)
 
 
+def seeds_note(groups, spread: bool = True) -> str:
+    """What a figure's marks are over seeds, given one group label (e.g. variant) per run: ", mean
+    ± std over 3 seeds" (``spread=False``: ", mean over 3 seeds") when a group has more than one run,
+    else ""; "2-3 seeds" when groups differ."""
+    counts = sorted(set(Counter(groups).values()))
+    if not counts or counts[-1] == 1:
+        return ""
+    seeds = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else f"{counts[0]}"
+    return f", mean{' ± std' if spread else ''} over {seeds} seeds"
+
+
 def plot_sweep(grids: dict[str, list[dict]], metric: str = "top1", ax=None):
-    """Final ``metric`` of each variant (mean and std over seeds) under each setting of ``grids``
-    ({label: records}), as grouped horizontal bars."""
+    """Final ``metric`` of each variant (bars: mean, lines: ± std over seeds) under each setting of
+    ``grids`` ({label: records}), as grouped horizontal bars."""
     frame = pd.concat([results_frame(records).assign(setting=label) for label, records in grids.items()])
     ax = ax or plt.subplots(figsize=(8, 0.5 * frame["variant"].nunique() * len(grids) + 1))[1]
     sns.barplot(data=frame, y="variant", x=metric, hue="setting", errorbar="sd", orient="h", ax=ax)
-    ax.set(ylabel="", xlabel=f"final {metric} %", xlim=(0, 100))
+    note = seeds_note(zip(frame["variant"], frame["setting"]))
+    ax.set(ylabel="", xlabel=f"final {metric} %{note}", xlim=(0, 100))
     _legend_outside(ax)
     return ax
 
@@ -328,44 +347,47 @@ def plot_pretraining(record: dict, axes=None):
 
 
 def plot_round_curves(records: list[dict], metric: str = "top1", ax=None):
-    """One curve per variant (mean over seeds) of a per-round metric."""
-    rows = [{"variant": r.get("_variant", r["method"]["name"]), "round": e["round"], f"{metric} %": 100 * e[metric]}
+    """One curve per variant of a per-round metric: the mean over seeds, in a band of ± one std."""
+    rows = [{"variant": _variant(r), "round": e["round"], f"{metric} %": 100 * e[metric]}
             for r in records for e in r["rounds"] if e.get(metric) is not None]
     ax = ax or plt.subplots(figsize=(8, 3.8))[1]
-    sns.lineplot(data=pd.DataFrame(rows), x="round", y=f"{metric} %", hue="variant", marker="o", markersize=3, ax=ax)
+    sns.lineplot(data=pd.DataFrame(rows), x="round", y=f"{metric} %", hue="variant", marker="o", markersize=3,
+                 errorbar="sd", ax=ax)
     _legend_outside(ax)
-    ax.set(title=f"Test {metric} of the global model after each round", ylim=(-2, 102))
+    note = seeds_note(_variant(r) for r in records)
+    ax.set(title=f"Test {metric} of the global model after each round{note}", ylim=(-2, 102))
     return ax
 
 
 def plot_per_class_compare(records: list[dict], ax=None):
-    """Final per-class accuracy (mean over seeds) of each variant, classes by training frequency."""
+    """Final per-class accuracy (the mean over seeds) of each variant, classes by training frequency."""
     data = records[0]["data"]
     counts = np.asarray(data["train_class_counts"])
     order = np.argsort(-counts, kind="stable")
-    rows = [{"variant": r.get("_variant", r["method"]["name"]), "class": f"{data['class_names'][c]}\n(n={counts[c]})",
+    rows = [{"variant": _variant(r), "class": f"{data['class_names'][c]}\n(n={counts[c]})",
              "accuracy %": 100 * r["final"]["per_class"][c]} for r in records for c in order]
     ax = ax or plt.subplots(figsize=(max(9, 0.9 * len(order)), 3.8))[1]
     sns.barplot(data=pd.DataFrame(rows), x="class", y="accuracy %", hue="variant", errorbar=None, ax=ax)
     _legend_outside(ax)
     ax.tick_params(axis="x", labelsize=8)
-    ax.set(xlabel="class (training images), most frequent first", ylim=(0, 100), title="Per-class test accuracy")
+    note = seeds_note((_variant(r) for r in records), spread=False)
+    ax.set(xlabel="class (training images), most frequent first", ylim=(0, 100), title=f"Per-class test accuracy{note}")
     return ax
 
 
 def plot_against(records: list[dict], key: str, xlabel: str, reference: list[dict] | None = None,
                  metrics=("top1", "head", "tail"), ax=None):
-    """Final accuracies of runs that differ in the config key ``key`` (mean and std over seeds),
-    with the mean top-1 of ``reference`` runs (e.g. FedAvg) as a dashed line."""
+    """Final accuracies of runs that differ in the config key ``key`` (the mean over seeds, in a band
+    of ± one std), with the mean top-1 of ``reference`` runs (e.g. FedAvg) as a dashed line."""
     setting = [config_from_dict(r["config"]).flat()[key] for r in records]
     frame = results_frame(records).assign(setting=setting).melt(
         id_vars="setting", value_vars=list(metrics), var_name="metric", value_name="test accuracy %")
     ax = ax or plt.subplots(figsize=(7, 3.8))[1]
     sns.lineplot(data=frame, x="setting", y="test accuracy %", hue="metric", marker="o", errorbar="sd", ax=ax)
     if reference:
-        name = reference[0].get("_variant", reference[0]["method"]["name"])
+        name = _variant(reference[0])
         ax.axhline(100 * np.mean([r["final"]["top1"] for r in reference]), color="gray", ls="--", label=f"{name} top1")
-    ax.set(xlabel=xlabel, ylim=(-2, 102))
+    ax.set(xlabel=xlabel, ylabel=f"test accuracy %{seeds_note(setting)}", ylim=(-2, 102))
     ax.legend()
     _legend_outside(ax)
     return ax

@@ -55,6 +55,28 @@ def test_plot_sweep_draws_one_bar_per_variant_and_setting():
     ax = report.plot_sweep(grids)
     widths = sorted(round(bar.get_width(), 6) for bar in ax.patches if bar.get_width() > 0)
     assert widths == [40.0, 40.0, 50.0, 80.0]  # A under x is the mean of two seeds
+    assert ax.get_xlabel() == "final top1 %, mean ± std over 1-2 seeds"
+
+
+def test_seeds_note_says_what_a_figure_averages_over():
+    assert report.seeds_note(["A", "A", "B", "B"]) == ", mean ± std over 2 seeds"
+    assert report.seeds_note(["A", "A", "A", "B"], spread=False) == ", mean over 1-3 seeds"
+    assert report.seeds_note(["A", "B"]) == "" and report.seeds_note([]) == ""  # one run each: nothing averaged
+
+
+def test_plot_round_curves_draws_the_mean_in_a_band_of_one_std_over_seeds():
+    def with_rounds(r):
+        return {**r, "rounds": [{**e, "round": i + 1} for i, e in enumerate(r["rounds"])]}
+
+    records = [with_rounds(record("A", 7, 0.7, 0.1, round_top1=(0.5, 0.6, 0.7))),
+               with_rounds(record("A", 8, 0.9, 0.1, round_top1=(0.7, 0.8, 0.9)))]
+    ax = report.plot_round_curves(records)
+    assert ax.get_title() == "Test top1 of the global model after each round, mean ± std over 2 seeds"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [60.0, 70.0, 80.0])
+    band = ax.collections[0].get_paths()[0].vertices
+    at_round_1 = band[band[:, 0] == 1, 1]
+    std = 100 * np.std([0.5, 0.7], ddof=1)  # the tables' std (ddof 1), not a bootstrap interval
+    np.testing.assert_allclose([at_round_1.min(), at_round_1.max()], [60.0 - std, 60.0 + std])
 
 
 def test_partition_table_describes_how_the_clients_data_differs():
