@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 
 import matplotlib.pyplot as plt
@@ -240,18 +241,28 @@ def plot_sweep(grids: dict[str, list[dict]], metric: str = "top1", ax=None):
     return ax
 
 
+SUBSTITUTE_TEACHERS = ("simulated MLLM", "offline encoder")
+
+
+def teachers_of(cfg: dict) -> list[str]:
+    """The teachers a run's numbers came from (a config as a dict): the MLLM (MLLM-FL) and the
+    CLIP role (CLIP2FL, MLLM-FL's stage 1), substitutes named as such (``SUBSTITUTE_TEACHERS``)."""
+    name, teacher = cfg["method"]["name"], cfg["teacher"]
+    teachers = []
+    if name == "mllm_fl":
+        teachers.append("simulated MLLM" if teacher["mllm"] == "simulated" else teacher["mllm_model"])
+    if name == "clip2fl" or (name == "mllm_fl" and cfg["method"]["stage1"]):
+        teachers.append("offline encoder" if teacher["clip"] == "offline"
+                        else f"{teacher['clip_model']} ({teacher['clip_pretrained']})")
+    return teachers
+
+
 def method_label(record: dict) -> str:
     """The method's name and the substitute teachers its numbers came from, e.g. ``MLLM-FL
     (simulated MLLM, offline encoder)``: substitutes are named wherever their numbers appear."""
     cfg = record["config"]
-    name = cfg["method"]["name"]
-    substitutes = []
-    if name == "mllm_fl" and cfg["teacher"]["mllm"] == "simulated":
-        substitutes.append("simulated MLLM")
-    uses_encoder = name == "clip2fl" or (name == "mllm_fl" and cfg["method"]["stage1"])
-    if uses_encoder and cfg["teacher"]["clip"] == "offline":
-        substitutes.append("offline encoder")
-    return METHOD_NAMES[name] + (f" ({', '.join(substitutes)})" if substitutes else "")
+    substitutes = [t for t in teachers_of(cfg) if t in SUBSTITUTE_TEACHERS]
+    return METHOD_NAMES[cfg["method"]["name"]] + (f" ({', '.join(substitutes)})" if substitutes else "")
 
 
 def label_methods(records: list[dict]) -> list[dict]:
@@ -266,14 +277,16 @@ def cost_table(records: list[dict]) -> pd.DataFrame:
 
 
 def provenance_of(records: list[dict]) -> str:
-    """Profile, seeds, commits and devices of a set of runs, for the line under a table (the device
-    matters: another CPU model rounds differently)."""
+    """Profile, seeds, teachers, commits and devices of a set of runs, for the line under a table (the
+    device matters: another CPU model rounds differently)."""
     profiles = sorted({r["profile"] for r in records})
     seeds = sorted({r["config"]["seed"] for r in records})
+    teachers = list(dict.fromkeys(t for r in records for t in teachers_of(r["config"])))
     commits = sorted({r["commit"][:10] + ("+dirty" if r.get("dirty") else "") for r in records})
     devices = sorted({r["device"] for r in records})
-    return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; commit {', '.join(commits)}; "
-            f"on {' and '.join(devices)}")
+    return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; "
+            + (f"teachers: {', '.join(teachers)}; " if teachers else "")
+            + f"commit {', '.join(commits)}; on {' and '.join(devices)}")
 
 
 def provenance(record: dict) -> str:
@@ -288,7 +301,9 @@ def plot_pool_samples(server, class_names: list[str], n: int = 12, cols: int = 6
     """Web-pool images with the MLLM's caption (and, for a held-out pool, the true class)."""
     pool, ann = server.pool, server.annotation
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows))
+    # constrained layout makes room for every caption; tight_layout let a row's captions run into
+    # the images above them
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows), layout="constrained")
     truth = pool.hidden_labels("measure-annotation-accuracy") if pool.has_hidden_labels else None
     for i, ax in enumerate(np.ravel(axes)):
         ax.axis("off")
@@ -297,25 +312,17 @@ def plot_pool_samples(server, class_names: list[str], n: int = 12, cols: int = 6
         image = pool.images[i].permute(1, 2, 0).numpy()
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
         wrong = truth is not None and int(truth[i]) != int(ann.labels[i])
-        title = "\n".join(_wrap(ann.captions[i], 26))
+        title = "\n".join(textwrap.wrap(ann.captions[i], 26))
         if truth is not None:
             title += f"\n(true: {class_names[int(truth[i])]})"
         ax.set_title(title, fontsize=7, color="firebrick" if wrong else "black")
-    who = "simulated MLLM" if ann.simulated else ann.mllm.get("model", "MLLM")
-    fig.suptitle(f"Web-pool images captioned by the {who} (red: wrong label)", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"Web-pool images captioned by the {_annotator(ann)} (red: wrong label)", fontsize=10)
     return fig
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
+def _annotator(annotation) -> str:
+    """Who annotated the pool: "simulated MLLM", or the real MLLM's model name."""
+    return "simulated MLLM" if annotation.simulated else annotation.mllm.get("model", "MLLM")
 
 
 def plot_annotation_confusion(server, class_names: list[str], ax=None):
@@ -329,7 +336,8 @@ def plot_annotation_confusion(server, class_names: list[str], ax=None):
     ax = ax or plt.subplots(figsize=(6, 5))[1]
     sns.heatmap(pd.DataFrame(matrix, index=class_names, columns=class_names), annot=c <= 12, fmt=".0f",
                 cmap="Blues", ax=ax, cbar_kws={"label": "% of the true class"})
-    ax.set(xlabel="MLLM label", ylabel="true class", title="How the MLLM labels the pool")
+    who = _annotator(ann)
+    ax.set(xlabel=f"{who} label", ylabel="true class", title=f"How the {who} labels the pool")
     return ax
 
 

@@ -91,3 +91,52 @@ def test_partition_table_describes_how_the_clients_data_differs():
     assert table.loc["skewed", "classes >= 10% (median)"] == 1.5  # 50/50 holds two, 90/5/5 one
     assert table.loc["skewed", "largest class % (median)"] == 70.0
     assert table.loc["even", "classes >= 10% (median)"] == 3.0
+
+
+def simulated_annotation_server():
+    """A server whose 12-image pool the simulated MLLM labelled (every label right), with long captions."""
+    from types import SimpleNamespace
+
+    import torch
+
+    class Pool(SimpleNamespace):
+        def __len__(self):
+            return 12
+
+    labels = torch.arange(12) % 10
+    pool = Pool(images=torch.zeros(12, 1, 28, 28, dtype=torch.uint8), has_hidden_labels=True,
+                hidden_labels=lambda purpose: labels)
+    annotation = SimpleNamespace(captions=["a simple picture of a single eight on a plain background."] * 12,
+                                 labels=labels, simulated=True)
+    return SimpleNamespace(pool=pool, annotation=annotation)
+
+
+def test_plot_pool_samples_keeps_every_caption_clear_of_the_images_above_it():
+    fig = report.plot_pool_samples(simulated_annotation_server(), [str(c) for c in range(10)])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    assert axes[0].get_title() == "a simple picture of a\nsingle eight on a plain\nbackground.\n(true: 0)"
+    lowest_image_of_row_1 = min(ax.get_images()[0].get_window_extent(renderer).y0 for ax in axes[:6])
+    highest_caption_of_row_2 = max(ax.title.get_window_extent(renderer).y1 for ax in axes[6:])
+    assert highest_caption_of_row_2 < lowest_image_of_row_1
+    assert fig.texts[0].get_text() == "Web-pool images captioned by the simulated MLLM (red: wrong label)"
+
+
+def test_plot_annotation_confusion_names_the_simulated_mllm():
+    ax = report.plot_annotation_confusion(simulated_annotation_server(), [str(c) for c in range(10)])
+    assert ax.get_title() == "How the simulated MLLM labels the pool" and ax.get_xlabel() == "simulated MLLM label"
+
+
+def test_provenance_of_names_the_teachers_the_numbers_came_from():
+    def run(overrides):
+        return {"profile": "smoke", "config": make_config("smoke", overrides).to_dict(), "commit": "abcdef123456",
+                "device": "cpu: x86_64, 1 threads"}
+
+    line = report.provenance_of([run({"method.name": "fedavg"}), run({"method.name": "clip2fl"}),
+                                 run({"method.name": "mllm_fl"})])
+    assert line == ("profile smoke; seeds [7]; 3 runs; teachers: offline encoder, simulated MLLM; commit abcdef1234; "
+                    "on cpu: x86_64, 1 threads")
+    assert "teachers" not in report.provenance_of([run({"method.name": "fedavg"})])  # no teacher, nothing to name
+    real = run({"method.name": "mllm_fl", "teacher.mllm": "hf", "teacher.clip": "open_clip"})
+    assert "; teachers: llava-hf/llava-1.5-7b-hf, ViT-B-32 (openai); " in report.provenance_of([real])
