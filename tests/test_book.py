@@ -2,7 +2,10 @@
 executes and `make book` overrides) and to its end on the paper profiles' code path; and what nbval
 compares holds in any checkout."""
 
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -83,3 +86,26 @@ def test_every_notebook_runs_to_its_end_on_the_paper_profiles_code_path(tmp_path
         executed = papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters=parameters,
                                               progress_bar=False, kernel_name="python3")
         assert executed.metadata.papermill.exception is not True, path.name
+
+
+def test_the_libraries_that_load_teachers_do_not_warn_about_ipywidgets_in_a_notebook():
+    """timm, open_clip and transformers import tqdm.auto, which in a Jupyter kernel without ipywidgets
+    warns into whichever cell first loads one; with warm caches that is a compared cell (stage 1's
+    zero-shot table). Importing fl_core first takes that warning out."""
+    script = """
+import importlib, sys, types, warnings
+sys.modules["ipykernel.zmqshell"] = types.ModuleType("ipykernel.zmqshell")  # what tqdm takes for a kernel
+import IPython
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for name in sys.argv[1:]:
+        importlib.import_module(name)
+print(sum("IProgress not found" in str(w.message) for w in caught))
+"""
+    def warnings_importing(*modules):
+        out = subprocess.run([sys.executable, "-c", script, *modules], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    if importlib.util.find_spec("ipywidgets") is None:
+        assert warnings_importing("timm") == 1  # the case this guards against
+    assert warnings_importing("fl_core", "timm") == 0
