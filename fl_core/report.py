@@ -244,16 +244,16 @@ def plot_sweep(grids: dict[str, list[dict]], metric: str = "top1", ax=None):
 SUBSTITUTE_TEACHERS = ("simulated MLLM", "offline encoder")
 
 
-def teachers_of(cfg: dict) -> list[str]:
-    """The teachers a run's numbers came from (a config as a dict): the MLLM (MLLM-FL) and the
-    CLIP role (CLIP2FL, MLLM-FL's stage 1), substitutes named as such (``SUBSTITUTE_TEACHERS``)."""
+def teachers_of(cfg: dict) -> dict[str, str]:
+    """The teachers a run's numbers came from (a config as a dict), by role: ``mllm`` (MLLM-FL) and
+    ``clip`` (CLIP2FL, MLLM-FL's stage 1), substitutes named as such (``SUBSTITUTE_TEACHERS``)."""
     name, teacher = cfg["method"]["name"], cfg["teacher"]
-    teachers = []
+    teachers = {}
     if name == "mllm_fl":
-        teachers.append("simulated MLLM" if teacher["mllm"] == "simulated" else teacher["mllm_model"])
+        teachers["mllm"] = "simulated MLLM" if teacher["mllm"] == "simulated" else teacher["mllm_model"]
     if name == "clip2fl" or (name == "mllm_fl" and cfg["method"]["stage1"]):
-        teachers.append("offline encoder" if teacher["clip"] == "offline"
-                        else f"{teacher['clip_model']} ({teacher['clip_pretrained']})")
+        teachers["clip"] = ("offline encoder" if teacher["clip"] == "offline"
+                            else f"{teacher['clip_model']} ({teacher['clip_pretrained']})")
     return teachers
 
 
@@ -261,7 +261,7 @@ def method_label(record: dict) -> str:
     """The method's name and the substitute teachers its numbers came from, e.g. ``MLLM-FL
     (simulated MLLM, offline encoder)``: substitutes are named wherever their numbers appear."""
     cfg = record["config"]
-    substitutes = [t for t in teachers_of(cfg) if t in SUBSTITUTE_TEACHERS]
+    substitutes = [t for t in teachers_of(cfg).values() if t in SUBSTITUTE_TEACHERS]
     return METHOD_NAMES[cfg["method"]["name"]] + (f" ({', '.join(substitutes)})" if substitutes else "")
 
 
@@ -281,7 +281,8 @@ def provenance_of(records: list[dict]) -> str:
     device matters: another CPU model rounds differently)."""
     profiles = sorted({r["profile"] for r in records})
     seeds = sorted({r["config"]["seed"] for r in records})
-    teachers = list(dict.fromkeys(t for r in records for t in teachers_of(r["config"])))
+    by_role = [teachers_of(r["config"]) for r in records]
+    teachers = list(dict.fromkeys(t[role] for role in ("mllm", "clip") for t in by_role if role in t))  # MLLMs first
     commits = sorted({r["commit"][:10] + ("+dirty" if r.get("dirty") else "") for r in records})
     devices = sorted({r["device"] for r in records})
     return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; "

@@ -135,7 +135,7 @@ def test_provenance_of_names_the_teachers_the_numbers_came_from():
 
     line = report.provenance_of([run({"method.name": "fedavg"}), run({"method.name": "clip2fl"}),
                                  run({"method.name": "mllm_fl"})])
-    assert line == ("profile smoke; seeds [7]; 3 runs; teachers: offline encoder, simulated MLLM; commit abcdef1234; "
+    assert line == ("profile smoke; seeds [7]; 3 runs; teachers: simulated MLLM, offline encoder; commit abcdef1234; "
                     "on cpu: x86_64, 1 threads")
     assert "teachers" not in report.provenance_of([run({"method.name": "fedavg"})])  # no teacher, nothing to name
     real = run({"method.name": "mllm_fl", "teacher.mllm": "hf", "teacher.clip": "open_clip"})
