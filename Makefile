@@ -60,11 +60,12 @@ bench: setup
 # Re-execute the stored notebooks on the smoke profile (refreshes the outputs nbval compares) and
 # record what decides this machine's rounding beside them. One empty teacher cache for all of them,
 # in nbval's order, as `make test` runs them: what a cell prints (a library's first-import warning,
-# a progress bar) depends on what the cache already holds.
+# a progress bar) depends on what the cache already holds. Executed into a scratch folder and copied
+# back when all have run, so that no run sees notebooks/ changed (its provenance would say "dirty").
 notebooks: $(VENV)/.installed-book
-	@cache=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
-	  FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$nb || exit 1; \
-	done
+	@cache=$$(mktemp -d); out=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
+	  FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
+	done; cp $$out/*.ipynb notebooks/
 	$(PY) notebooks/nbval_sanitize.py --store
 
 clean:
