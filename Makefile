@@ -61,11 +61,14 @@ bench: setup
 # record what decides this machine's rounding beside them. One empty teacher cache for all of them,
 # in nbval's order, as `make test` runs them: what a cell prints (a library's first-import warning,
 # a progress bar) depends on what the cache already holds. Executed into a scratch folder and copied
-# back when all have run, so that no run sees notebooks/ changed (its provenance would say "dirty").
+# back (as if executed in place) when all have run, so that no run sees notebooks/ changed (its
+# provenance would say "dirty").
 notebooks: $(VENV)/.installed-book
 	@cache=$$(mktemp -d); out=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
 	  FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
-	done; cp $$out/*.ipynb notebooks/
+	done; for nb in $(NOTEBOOKS); do \
+	  $(PY) -c 'import sys, nbformat; nb = nbformat.read(sys.argv[1], 4); nb.metadata.papermill.output_path = sys.argv[2]; nbformat.write(nb, sys.argv[2])' $$out/$$(basename $$nb) $$nb || exit 1; \
+	done
 	$(PY) notebooks/nbval_sanitize.py --store
 
 clean:
