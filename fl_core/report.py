@@ -241,7 +241,8 @@ def plot_sweep(grids: dict[str, list[dict]], metric: str = "top1", ax=None):
     return ax
 
 
-SUBSTITUTE_TEACHERS = ("simulated MLLM", "offline encoder")
+SIMULATED_MLLM, OFFLINE_ENCODER = "simulated MLLM", "offline encoder"
+SUBSTITUTE_TEACHERS = (SIMULATED_MLLM, OFFLINE_ENCODER)
 
 
 def teachers_of(cfg: dict) -> dict[str, str]:
@@ -250,9 +251,9 @@ def teachers_of(cfg: dict) -> dict[str, str]:
     name, teacher = cfg["method"]["name"], cfg["teacher"]
     teachers = {}
     if name == "mllm_fl":
-        teachers["mllm"] = "simulated MLLM" if teacher["mllm"] == "simulated" else teacher["mllm_model"]
+        teachers["mllm"] = SIMULATED_MLLM if teacher["mllm"] == "simulated" else teacher["mllm_model"]
     if name == "clip2fl" or (name == "mllm_fl" and cfg["method"]["stage1"]):
-        teachers["clip"] = ("offline encoder" if teacher["clip"] == "offline"
+        teachers["clip"] = (OFFLINE_ENCODER if teacher["clip"] == "offline"
                             else f"{teacher['clip_model']} ({teacher['clip_pretrained']})")
     return teachers
 
@@ -323,7 +324,7 @@ def plot_pool_samples(server, class_names: list[str], n: int = 12, cols: int = 6
 
 def _annotator(annotation) -> str:
     """Who annotated the pool: "simulated MLLM", or the real MLLM's model name."""
-    return "simulated MLLM" if annotation.simulated else annotation.mllm.get("model", "MLLM")
+    return SIMULATED_MLLM if annotation.simulated else annotation.mllm.get("model", "MLLM")
 
 
 def plot_annotation_confusion(server, class_names: list[str], ax=None):
