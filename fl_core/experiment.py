@@ -70,7 +70,7 @@ def annotate(cfg: ExperimentConfig, progress: bool = True, samples: int = 5) -> 
         fed = build_federated_data(cfg, device)
         ds = fed.dataset
         server = build_server_context(cfg, fed, device, progress)
-        logits = server.encoder.zero_shot_logits(ds.test.images, ds.class_names)
+        logits = server.encoder.zero_shot_logits(ds.test.images, ds.prompt_names)
     pool, annotation, encoder, fit, cache = server.pool, server.annotation, server.encoder, server.encoder_fit, server.cache
     zero_shot = float((logits.argmax(1) == ds.test.labels.cpu()).float().mean())
     return {

@@ -65,6 +65,13 @@ class Dataset:
         return len(self.class_names)
 
     @property
+    def prompt_names(self) -> list[str]:
+        """The class names as the teachers read them (prompts, captions, the MLLM's options):
+        underscores as spaces, as in CLIP's own class lists (CIFAR-100's ``aquarium_fish`` is "aquarium
+        fish"); tables and figures show ``class_names``."""
+        return [name.replace("_", " ") for name in self.class_names]
+
+    @property
     def channels(self) -> int:
         return self.train.images.shape[1]
 
@@ -187,7 +194,9 @@ def load_imagenet_lt(cfg: DataConfig) -> Dataset:
     """ImageNet-LT from its split lists under ``data.root`` (image paths relative to it).
 
     Images are decoded once, resized to ``data.image_size`` (default 112) and cached as a uint8
-    ``.npy`` beside the lists. Class names come from ``classnames.txt`` there when present.
+    ``.npy`` beside the lists. Class names come from ``classnames.txt`` there (one per line, in label
+    order) when present, else from open_clip's curated ImageNet names (CLIP's zero-shot list, in
+    ImageNet's class order, which ImageNet-LT's labels follow).
     """
     root = Path(cfg.root).expanduser()
     lists = {split: root / name for split, name in IMAGENET_LT_LISTS.items()}
@@ -203,8 +212,13 @@ def load_imagenet_lt(cfg: DataConfig) -> Dataset:
     facts = DATASETS["imagenet_lt"]
     if names_file.is_file():
         class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(class_names) != facts.num_classes:
+            raise ValueError(f"{names_file} names {len(class_names)} classes; ImageNet-LT has {facts.num_classes}: "
+                             f"one name per line, in label order (or remove the file to use CLIP's ImageNet names)")
     else:
-        class_names = [f"class_{c}" for c in range(facts.num_classes)]
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        class_names = list(IMAGENET_CLASSNAMES)
     return Dataset(
         name="imagenet_lt",
         class_names=class_names,

@@ -138,7 +138,7 @@ class MLLMFL(Method):
             epochs=m.stage1_epochs, batch_size=m.stage1_batch_size, lr=m.stage1_lr, lambda0=m.lambda0,
             schedule=m.lambda_schedule, temperature=m.temperature, gamma=m.gamma, progress=engine.progress,
         )
-        class_emb = encoder.class_embeddings(data.dataset.class_names).to(engine.device)
+        class_emb = encoder.class_embeddings(data.dataset.prompt_names).to(engine.device)
         text_classifier(student, class_emb, images, data.pipeline, m.temperature)
         state = fold_projection({k: v.cpu() for k, v in student.state_dict().items()}, engine.model.state_dict())
         info = {"fingerprint": key, "curves": curves, "dwd": m.dwd, "lambda_schedule": m.lambda_schedule,

@@ -42,8 +42,8 @@ def annotated_pool(cfg: ExperimentConfig, fed: FederatedData, cache: TeacherCach
 
     ds = fed.dataset
     pool = load_web_pool(cfg.data.web_pool, ds, np.concatenate(fed.client_indices), cfg.data.web_pool_limit)
-    mllm = build_mllm(cfg, pool, ds.class_names, device)
-    annotation = annotate_pool(pool, ds.class_names, mllm, cache, cfg.teacher.caption_prompt,
+    mllm = build_mllm(cfg, pool, ds.prompt_names, device)
+    annotation = annotate_pool(pool, ds.prompt_names, mllm, cache, cfg.teacher.caption_prompt,
                                cfg.teacher.batch_size, progress)
     return pool, annotation
 
