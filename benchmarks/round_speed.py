@@ -47,7 +47,7 @@ from fl_core.fl import Engine, client_generator, client_schedule, resolve_device
 from fl_core.fl.engine import resolve_stacked_execution
 from fl_core.methods import make_method
 from fl_core.methods.base import Method
-from fl_core.methods.clip2fl import kd_loss
+from fl_core.methods.clip2fl import PROMPT as CLIP2FL_PROMPT, kd_loss
 from fl_core.methods.creff import retrain_classifier
 from fl_core.results import device_description
 
@@ -169,7 +169,7 @@ def time_clip2fl_round(profile, overrides, data, clients, generators, scratch, d
     engine_c = Engine(cfg_c, clip2fl, data, scratch, device, progress=False)
     clip2fl.setup(engine_c)
     encoder = clip2fl.encoder(engine_c)
-    text = encoder.class_embeddings(data.dataset.class_names, ("a photo of a {}.",))
+    text = encoder.class_embeddings(data.dataset.class_names, CLIP2FL_PROMPT)
     text = text.to(device)
     m, f = cfg_c.method, cfg_c.fl
     first_visit = timed(device, lambda: [clip2fl.teacher_logits(engine_c, k) for k in clients])

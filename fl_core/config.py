@@ -55,14 +55,25 @@ def fixed_long_tail(dataset: str) -> bool:
     return dataset in DATASETS and DATASETS[dataset].already_long_tailed
 
 
+# datasets whose class names reach the teachers as other text since 2026-12-05 (``Dataset.prompt_names``:
+# underscores as spaces; ImageNet-LT's names from open_clip's list instead of class_0...): results and
+# stage 1s on them from before carry other hashes, so they are computed again rather than reused
+CLASS_TEXT_REVISED = ("cifar100", "imagenet_lt", IMAGE_FOLDER)
+# the same for a method whose results a code change altered: its revision joins its runs' fingerprint
+# (clip2fl 2: the teacher logits' prompt is "a photo of a {}", as in CLIP2FL's code; it had a full stop)
+METHOD_REVISIONS = {"clip2fl": 2}
+
+
 def data_content(d: "DataConfig") -> dict:
     """What a result's hash needs of the data besides its settings: for ``imagefolder``, whose folder
-    may hold other images later, a signature of the files; nothing for the fixed datasets."""
-    if d.dataset != IMAGE_FOLDER:
-        return {}
-    from fl_core.data.folders import image_folder_signature
+    may hold other images later, a signature of the files; for datasets in ``CLASS_TEXT_REVISED``,
+    how their class names become text; nothing else for the fixed datasets."""
+    content = {"data.class_text": 2} if d.dataset in CLASS_TEXT_REVISED else {}
+    if d.dataset == IMAGE_FOLDER:
+        from fl_core.data.folders import image_folder_signature
 
-    return {"data.images": image_folder_signature(d.root)}
+        content["data.images"] = image_folder_signature(d.root)
+    return content
 
 
 PARTITIONS = ("creff", "dirichlet", "iid")
@@ -227,6 +238,8 @@ class ExperimentConfig:
         settings = {k: v for k, v in self.flat().items()
                     if k not in EXECUTION_ONLY and not (k in FINGERPRINT_SINCE and v == FINGERPRINT_SINCE[k])}
         settings.update(data_content(self.data))
+        if self.method.name in METHOD_REVISIONS:
+            settings["method.revision"] = METHOD_REVISIONS[self.method.name]
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from fl_core.methods.base import ClientResult
 from fl_core.methods.creff import CReFF, text_contrastive_loss
 
+# CLIP2FL's public code embeds one prompt per class, the dataset's own class name in "a photo of a {}"
+# (no full stop), and uses it for the clients' teacher logits and the server's contrastive loss alike
+PROMPT = ("a photo of a {}",)
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's distillation loss as CLIP2FL computes it: batchmean KL times T^2. Logits
@@ -59,13 +63,13 @@ class CLIP2FL(CReFF):
             encoder = self.encoder(engine)
             images = engine.data.clients[client_id].images
             self._teacher_logits[client_id] = encoder.zero_shot_logits(images, engine.data.dataset.class_names,
-                                                                       templates=("a photo of a {}.",)).to(engine.device)
+                                                                       templates=PROMPT).to(engine.device)
         return self._teacher_logits[client_id]
 
     def text_embeddings(self, engine) -> torch.Tensor:
         if self._text is None:
             encoder = self.encoder(engine)
-            self._text = encoder.class_embeddings(engine.data.dataset.class_names, templates=("a photo of a {}",)).to(engine.device)
+            self._text = encoder.class_embeddings(engine.data.dataset.class_names, templates=PROMPT).to(engine.device)
         return self._text
 
     def client_targets(self, engine, client_id: int) -> torch.Tensor:
