@@ -194,3 +194,29 @@ def test_clip2fl_with_a_real_clip_needs_no_mllm(tiny_config, monkeypatch):
     cfg = tiny_config(method__name="clip2fl", teacher__clip="open_clip", teacher__clip_pretrained="")
     encoder = server.build_clip_encoder(cfg, build_federated_data(cfg, torch.device("cpu")), "cpu", progress=False)
     assert isinstance(encoder, OpenCLIPEncoder) and not encoder.needs_fit
+
+
+def test_clip2fl_prompts_its_teacher_as_its_public_code(tiny_config, teacher_cache, monkeypatch):
+    """CLIP2FL's code embeds "a photo of a {c}" (no full stop) with the dataset's own class names, for
+    the clients' teacher logits and the server's contrastive loss alike."""
+    from types import SimpleNamespace
+
+    from fl_core.data.federated import build_federated_data
+    from fl_core.methods import make_method
+    from fl_core.teachers.encoders import ImageTextEncoder
+
+    prompts = []
+    embed = ImageTextEncoder.class_embeddings
+
+    def recorded(self, class_names, templates=None):
+        prompts.append([t.format(name) for name in class_names for t in templates])
+        return embed(self, class_names, templates)
+
+    monkeypatch.setattr(ImageTextEncoder, "class_embeddings", recorded)
+    cfg = tiny_config(method__name="clip2fl", **{k.replace(".", "__"): v for k, v in TINY_BASELINE.items()})
+    fed = build_federated_data(cfg, torch.device("cpu"))
+    clip2fl = make_method(cfg)
+    engine = SimpleNamespace(data=fed, device=torch.device("cpu"), progress=False)
+    clip2fl.teacher_logits(engine, 0)
+    clip2fl.text_embeddings(engine)
+    assert prompts == [[f"a photo of a {name}" for name in fed.dataset.class_names]] * 2

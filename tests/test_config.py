@@ -1,6 +1,6 @@
 import pytest
 
-from fl_core.config import PROFILES, apply_overrides, config_from_dict, make_config, parse_set_args
+from fl_core.config import PROFILES, apply_overrides, config_from_dict, data_content, make_config, parse_set_args
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -100,3 +100,13 @@ def test_fingerprint_tracks_settings_not_profile_name():
     assert a.fingerprint() != make_config("smoke", {"cpu_threads": 2}).fingerprint()
     # settings added later (cpu_threads, fl.precision) leave earlier fingerprints as they were at their defaults
     assert make_config("paper-cifar10", {"method.name": "mllm_fl"}).fingerprint() == "51c3f2369e38"
+    assert make_config("offline", {"method.name": "mllm_fl"}).fingerprint() == "802d930d1a93"
+
+
+def test_code_changes_to_results_change_the_fingerprints_they_concern():
+    # CLIP2FL's teacher prompt (METHOD_REVISIONS): its runs from before were fd2fbeb6a033 / f624ff6ab65f
+    assert make_config("offline", {"method.name": "clip2fl"}).fingerprint() == "b3cc5c75df8f"
+    assert make_config("paper-cifar10", {"method.name": "clip2fl"}).fingerprint() == "df4ee8af2ece"
+    # CIFAR-100's class names as text (CLASS_TEXT_REVISED): cabc025e7074 before; CIFAR-10's names did not change
+    assert make_config("paper-cifar100", {"method.name": "mllm_fl"}).fingerprint() == "55dc3525511b"
+    assert data_content(make_config("paper-cifar10").data) == {}

@@ -6,6 +6,7 @@ import torch
 
 from fl_core.config import make_config
 from fl_core.data import DataNotFoundError, ImagePipeline, ImageSplit, build_federated_data, load_dataset
+from fl_core.data.datasets import Dataset
 from fl_core.fl import plan_client_steps
 
 
@@ -156,3 +157,20 @@ def test_pipeline_normalizes_and_augments_only_with_a_generator():
     augmented = pipe.train_batch(images, torch.Generator().manual_seed(1))
     # padding is zero after normalization (the mean colour), as when the peers crop normalized tensors
     assert (augmented == 0.0).any() and (augmented == 2.0).any()
+
+
+def test_teachers_read_class_names_with_spaces_for_underscores():
+    split = ImageSplit(torch.zeros((2, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1]))
+    ds = Dataset("cifar100", ["aquarium_fish", "maple_tree"], split, split, None, (0.5,) * 3, (0.5,) * 3, 0, True)
+    assert ds.prompt_names == ["aquarium fish", "maple tree"] and ds.class_names == ["aquarium_fish", "maple_tree"]
+
+
+def test_imagenet_lt_class_names_are_clips_unless_a_classnames_file_gives_them(tmp_path):
+    make_fake_imagenet_lt(tmp_path)
+    cfg = make_config("paper-imagenet", {"data.root": str(tmp_path), "data.image_size": 16})
+    assert load_dataset(cfg.data).class_names[:3] == ["tench", "goldfish", "great white shark"]
+    (tmp_path / "classnames.txt").write_text("".join(f"my class {c}\n" for c in range(1000)))
+    assert load_dataset(cfg.data).class_names[999] == "my class 999"
+    (tmp_path / "classnames.txt").write_text("tench\ngoldfish\n")
+    with pytest.raises(ValueError, match=r"classnames\.txt names 2 classes; ImageNet-LT has 1000"):
+        load_dataset(cfg.data)

@@ -139,6 +139,23 @@ def test_annotation_measures_accuracy_and_reuses_the_cache(pool, mnist, cache):
     assert cache.stats.computed == computed and again.captions == ann.captions
 
 
+
+def test_the_server_annotates_with_the_class_names_as_text(cache, monkeypatch):
+    """Class names with underscores reach the MLLM (its options, its captions) with spaces."""
+    import dataclasses
+
+    from fl_core.data import build_federated_data
+    from fl_core.teachers.server import annotated_pool
+
+    cfg = make_config("smoke", {"data.web_pool_limit": 200})
+    fed = build_federated_data(cfg)
+    names = [f"digit_{name}" for name in fed.dataset.class_names]
+    fed = dataclasses.replace(fed, dataset=dataclasses.replace(fed.dataset, class_names=names))
+    _, annotation = annotated_pool(cfg, fed, TeacherCache(), "cpu", progress=False)
+    assert all(re.search(r"digit (zero|one|two|three|four|five|six|seven|eight|nine)\b", c) for c in annotation.captions)
+    assert not any("_" in c for c in annotation.captions)
+
+
 # ---- transformers MLLM (a tiny random LLaVA) ---------------------------------------------------
 
 @pytest.fixture(scope="module")
