@@ -3,9 +3,12 @@
 - Clients add ``weight * KL(softmax(t / T) || softmax(s / T)) * T^2`` (``batchmean``; T = 3, weight 1)
   between their logits and CLIP's zero-shot logits of the *un-augmented* image. Those teacher logits
   are constant per image, so they are computed once per client image (and cached) instead of on
-  every batch as the public code does; the training losses are identical.
-- The server adds CLIP2FL's prototype-contrastive loss (weight 0.001, temperature 0.1) pulling the
-  federated features to the text embedding of their class while it learns them.
+  every batch as the public code does; the training losses are identical. Weight 1 is DESIGN.md's
+  reading; the public code's ``options.py`` defaults this weight (``--alpha``) to 2
+  (``method.clip2fl_kd_weight=2`` runs that).
+- The server adds CLIP2FL's prototype-contrastive loss (weight 0.001, the public code's current
+  default; an earlier version had 0.5 and its README's example run sets 0.1; temperature 0.1) pulling
+  the federated features to the text embedding of their class while it learns them.
 - The student is ResNet-8 with CLIP2FL's linear layer to the text dimension (256 -> 512 for
   CLIP ViT-B/32). On the offline profile the CLIP role is played by the offline encoder
   (EfficientNet-Lite0 + MiniLM, text dimension 384), whose image->text map was fitted on the
