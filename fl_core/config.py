@@ -77,6 +77,7 @@ def data_content(d: "DataConfig") -> dict:
 
 
 PARTITIONS = ("creff", "dirichlet", "iid")
+AUGMENT_PER = ("image", "batch")
 METHODS = ("fedavg", "fedprox", "creff", "clip2fl", "mllm_fl")
 LAMBDA_SCHEDULES = ("cosine", "linear", "constant")
 ALIGN_ROUNDS = ("every", "last")
@@ -92,7 +93,7 @@ PRECISIONS = ("fp32", "bf16")
 EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channels_last", "fl.grouped_conv", "fl.compile")
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
-FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0}
+FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0, "data.augment_per": "image"}
 MLLM_BACKENDS = ("simulated", "hf")
 CLIP_BACKENDS = ("offline", "open_clip")
 
@@ -110,6 +111,9 @@ class DataConfig:
     train_limit: int = 0  # 0 = whole training split, else only its first N images (small profiles)
     test_limit: int = 0  # 0 = whole test split, else a class-stratified subset of N images
     augment: bool = True  # random crop (+ flip where the dataset allows) on the training device
+    # 'image': crop offset and flip drawn per image; 'batch': one draw for a whole batch, as CReFF's and
+    # CLIP2FL's code do (torchvision's transforms applied to a batch tensor)
+    augment_per: str = "image"
     image_size: int = 0  # 0 = native size (ImageNet-LT: 112, imagefolder: 32); the side images are resized to
     many_threshold: int = 100  # classes with more training images are 'many'
     few_threshold: int = 20  # classes with fewer training images are 'few'
@@ -382,6 +386,7 @@ def validate(cfg: ExperimentConfig) -> None:
     d, m, f = cfg.data, cfg.model, cfg.fl
     _choice("data.dataset", d.dataset, (*DATASETS, IMAGE_FOLDER))
     _choice("data.partition", d.partition, PARTITIONS)
+    _choice("data.augment_per", d.augment_per, AUGMENT_PER)
     _choice("method.name", cfg.method.name, METHODS)
     _choice("model.arch", m.arch, ARCHS)
     _choice("device", cfg.device, DEVICES)

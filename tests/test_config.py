@@ -44,6 +44,7 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"data.dataset": "svhn"}, r"data\.dataset='svhn' is not valid; choose one of: cifar10, cifar100, imagefolder, imagenet_lt, mnist"),
         ({"method.name": "scaffold"}, r"method\.name='scaffold' is not valid; choose one of: .*fedavg"),
         ({"data.partition": "shards"}, r"data\.partition='shards' is not valid; choose one of: creff, dirichlet, iid"),
+        ({"data.augment_per": "client"}, r"data\.augment_per='client' is not valid; choose one of: batch, image"),
         ({"fl.clients_per_round": 11}, r"fl\.clients_per_round=11 is invalid: only data\.num_clients=10"),
         ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
@@ -110,3 +111,5 @@ def test_code_changes_to_results_change_the_fingerprints_they_concern():
     # CIFAR-100's class names as text (CLASS_TEXT_REVISED): cabc025e7074 before; CIFAR-10's names did not change
     assert make_config("paper-cifar100", {"method.name": "mllm_fl"}).fingerprint() == "55dc3525511b"
     assert data_content(make_config("paper-cifar10").data) == {}
+    # a setting added later (data.augment_per) leaves the fingerprints at its default, not at another value
+    assert make_config("offline", {"method.name": "mllm_fl", "data.augment_per": "batch"}).fingerprint() != "802d930d1a93"

@@ -121,6 +121,26 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     assert torch.equal(draws, pipe.draw(torch.Generator().manual_seed(0), 2))
 
 
+
+def test_per_batch_augmentation_crops_and_flips_a_whole_batch_alike():
+    """data.augment_per=batch: one crop offset and flip per batch, as torchvision's RandomCrop and
+    RandomHorizontalFlip do on a batch tensor (CReFF's and CLIP2FL's code); per image by default."""
+    pipe = ImagePipeline(mean=(0.0,), std=(1.0,), crop_padding=4, flip=True, per_batch=True)
+    x = torch.arange(6 * 1 * 8 * 8, dtype=torch.float32).view(6, 1, 8, 8)
+    draws = pipe.draw(torch.Generator().manual_seed(3), 6)
+    assert draws.shape == (6, 3) and (draws == draws[0]).all()
+    i, j, flip = (int(v) for v in draws[0])
+    window = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, :, i : i + 8, j : j + 8]
+    assert torch.equal(pipe.augment(x, draws), window.flip(-1) if flip else window)
+    plan = plan_client_steps(20, pipe, torch.Generator().manual_seed(0), epochs=3, batch_size=6, device="cpu")
+    batches = [plan.take(step)[1] for step in range(len(plan.bounds))]
+    assert all((d == d[0]).all() for d in batches)
+    assert len({tuple(d[0].tolist()) for d in batches}) > 1  # a new draw every batch
+    per_image = ImagePipeline(mean=(0.0,), std=(1.0,), crop_padding=4, flip=True)
+    assert not (per_image.draw(torch.Generator().manual_seed(3), 6) == draws[0]).all()
+    assert build_federated_data(make_config("smoke", {"data.augment_per": "batch"})).pipeline.per_batch
+    assert not build_federated_data(make_config("smoke")).pipeline.per_batch
+
 def test_random_flip_flips_about_half():
     pipe = ImagePipeline(mean=(0.0,), std=(1.0,), flip=True)
     x = torch.randn(400, 1, 4, 4)

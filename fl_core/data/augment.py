@@ -22,6 +22,7 @@ class ImagePipeline:
     std: tuple[float, ...]
     crop_padding: int = 0
     flip: bool = False
+    per_batch: bool = False  # one crop offset and flip for a whole batch, as CReFF's and CLIP2FL's code draws them
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) -> float, standardized per channel."""
@@ -32,16 +33,18 @@ class ImagePipeline:
     def draw(self, generator: torch.Generator, n: int) -> torch.Tensor | None:
         """The random choices of augmenting ``n`` images, drawn from ``generator`` (crop offsets,
         then flips): an (n, 3) int64 CPU tensor of row offset, column offset and flip, or None when
-        this pipeline does not augment. Drawing ahead and applying later (``augment``) lets a
-        client's whole local training be drawn at once and moved to the device in one copy."""
+        this pipeline does not augment (with ``per_batch``, one row repeated ``n`` times). Drawing ahead
+        and applying later (``augment``) lets a client's whole local training be drawn at once and moved
+        to the device in one copy."""
         if not (self.crop_padding or self.flip):
             return None
-        draws = torch.zeros(n, 3, dtype=torch.long)
+        m = 1 if self.per_batch else n
+        draws = torch.zeros(m, 3, dtype=torch.long)
         if self.crop_padding:
-            draws[:, :2] = torch.randint(0, 2 * self.crop_padding + 1, (2, n), generator=generator).T
+            draws[:, :2] = torch.randint(0, 2 * self.crop_padding + 1, (2, m), generator=generator).T
         if self.flip:
-            draws[:, 2] = torch.rand(n, generator=generator) < 0.5
-        return draws
+            draws[:, 2] = torch.rand(m, generator=generator) < 0.5
+        return draws.repeat(n, 1) if self.per_batch else draws
 
     def augment(self, x: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         """Apply ``draws`` (from ``draw``, on ``x``'s device) to the normalized batch ``x``: a

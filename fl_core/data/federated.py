@@ -76,6 +76,7 @@ def build_federated_data(cfg: ExperimentConfig, device: torch.device | str = "cp
     ds.test = ds.test.to(device)
     if ds.heldout is not None:
         ds.heldout = ds.heldout.to(device)
-    pipeline = ImagePipeline(ds.mean, ds.std, ds.crop_padding if d.augment else 0, ds.flip and d.augment)
+    pipeline = ImagePipeline(ds.mean, ds.std, ds.crop_padding if d.augment else 0, ds.flip and d.augment,
+                             per_batch=d.augment_per == "batch")
     clients = [ds.train.subset(idx).to(device) for idx in indices]
     return FederatedData(dataset=ds, clients=clients, client_indices=indices, pipeline=pipeline)
