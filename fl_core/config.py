@@ -94,6 +94,12 @@ EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channel
 # settings added after runs were recorded: left out of the fingerprint at these values, so that
 # those runs keep their fingerprints
 FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0, "data.augment_per": "image"}
+
+
+def omitted_from_fingerprint(key: str, value) -> bool:
+    """Whether a setting added after runs were recorded is at the value those runs had
+    (``FINGERPRINT_SINCE``), and so left out of the hashes that name results."""
+    return key in FINGERPRINT_SINCE and value == FINGERPRINT_SINCE[key]
 MLLM_BACKENDS = ("simulated", "hf")
 CLIP_BACKENDS = ("offline", "open_clip")
 
@@ -240,7 +246,7 @@ class ExperimentConfig:
     def fingerprint(self) -> str:
         """Short hash of everything that changes results (the profile name does not)."""
         settings = {k: v for k, v in self.flat().items()
-                    if k not in EXECUTION_ONLY and not (k in FINGERPRINT_SINCE and v == FINGERPRINT_SINCE[k])}
+                    if k not in EXECUTION_ONLY and not omitted_from_fingerprint(k, v)}
         settings.update(data_content(self.data))
         if self.method.name in METHOD_REVISIONS:
             settings["method.revision"] = METHOD_REVISIONS[self.method.name]

@@ -121,7 +121,6 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     assert torch.equal(draws, pipe.draw(torch.Generator().manual_seed(0), 2))
 
 
-
 def test_per_batch_augmentation_crops_and_flips_a_whole_batch_alike():
     """data.augment_per=batch: one crop offset and flip per batch, as torchvision's RandomCrop and
     RandomHorizontalFlip do on a batch tensor (CReFF's and CLIP2FL's code); per image by default."""
@@ -140,6 +139,7 @@ def test_per_batch_augmentation_crops_and_flips_a_whole_batch_alike():
     assert not (per_image.draw(torch.Generator().manual_seed(3), 6) == draws[0]).all()
     assert build_federated_data(make_config("smoke", {"data.augment_per": "batch"})).pipeline.per_batch
     assert not build_federated_data(make_config("smoke")).pipeline.per_batch
+
 
 def test_random_flip_flips_about_half():
     pipe = ImagePipeline(mean=(0.0,), std=(1.0,), flip=True)

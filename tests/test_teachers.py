@@ -139,7 +139,6 @@ def test_annotation_measures_accuracy_and_reuses_the_cache(pool, mnist, cache):
     assert cache.stats.computed == computed and again.captions == ann.captions
 
 
-
 def test_the_server_annotates_with_the_class_names_as_text(cache, monkeypatch):
     """Class names with underscores reach the MLLM (its options, its captions) with spaces."""
     import dataclasses

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fl_core.config import FINGERPRINT_SINCE, ExperimentConfig, data_content, dataset_facts
+from fl_core.config import ExperimentConfig, data_content, dataset_facts, omitted_from_fingerprint
 from fl_core.fl.sampling import client_generator
 from fl_core.methods.align import AlignmentSet, align_model, build_alignment_set
 from fl_core.methods.base import Method
@@ -52,11 +52,10 @@ def stage1_fingerprint(cfg: ExperimentConfig) -> str:
     ignored = set(PARTITION_ONLY_KEYS)
     if cfg.data.web_pool == "heldout" and dataset_facts(cfg.data).heldout_split:
         ignored |= {"data.imbalance_factor", "data.train_limit"}  # the pool does not depend on the long tail
-    keys = [k for k in flat if k.startswith(("data.", "model.", "teacher.")) and k not in ignored
-            and not (k in FINGERPRINT_SINCE and flat[k] == FINGERPRINT_SINCE[k])]
+    keys = [k for k in flat if k.startswith(("data.", "model.", "teacher.")) and k not in ignored] + ["cpu_threads"]
+    # settings added later, at the value earlier runs had, are left out: those runs keep their stage 1
+    keys = [k for k in keys if not omitted_from_fingerprint(k, flat[k])]
     keys += ["seed", "device"] + [f"method.{k}" for k in STAGE1_METHOD_KEYS]
-    if cfg.cpu_threads:  # runs from before the key existed keep their stage 1
-        keys.append("cpu_threads")
     settings = {**{k: flat[k] for k in keys}, **data_content(cfg.data)}
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
