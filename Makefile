@@ -48,10 +48,13 @@ book: $(VENV)/.installed-book
 
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir);
 # accuracies are compared where this machine rounds as the one that stored the outputs did.
+# Runs, teacher caches and datasets go to one scratch folder, removed however the tests end.
 test: setup
-	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q tests
-	rules=$$(mktemp) && $(PY) notebooks/nbval_sanitize.py > $$rules && \
-	FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$(mktemp -d) $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with $$rules -p no:cacheprovider notebooks
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && set -x && \
+	FL_CORE_RUNS=$$scratch/runs FL_CORE_CACHE=$$scratch/cache $(PY) -m pytest -q tests && \
+	$(PY) notebooks/nbval_sanitize.py > $$scratch/nbval-rules && \
+	FL_CORE_RUNS=$$scratch/nbval-runs FL_CORE_CACHE=$$scratch/nbval-cache \
+	  $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with $$scratch/nbval-rules -p no:cacheprovider notebooks
 
 # Client-loop speed against the peers' way (issue 8); prints a table and one JSON line.
 bench: setup
@@ -64,8 +67,9 @@ bench: setup
 # back (as if executed in place) when all have run, so that no run sees notebooks/ changed (its
 # provenance would say "dirty").
 notebooks: $(VENV)/.installed-book
-	@cache=$$(mktemp -d); out=$$(mktemp -d); for nb in $(NOTEBOOKS); do \
-	  FL_CORE_RUNS=$$(mktemp -d) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && cache=$$scratch/cache && out=$$scratch/out && mkdir $$out && \
+	for nb in $(NOTEBOOKS); do \
+	  FL_CORE_RUNS=$$scratch/runs-$$(basename $$nb .ipynb) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
 	done; for nb in $(NOTEBOOKS); do \
 	  $(PY) -c 'import sys, nbformat; nb = nbformat.read(sys.argv[1], 4); nb.metadata.papermill.output_path = sys.argv[2]; nbformat.write(nb, sys.argv[2])' $$out/$$(basename $$nb) $$nb || exit 1; \
 	done

@@ -280,6 +280,12 @@ def main(argv=None) -> dict:
                         help="profile one round of (c), eager, and print the operations taking the most device time")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:  # the engine's run folder, removed afterwards
+        return benchmark(args, scratch)
+
+
+def benchmark(args, scratch: str) -> dict:
+    """Time the loops `args` asks for, print the table and the JSON line, return the JSON's dict."""
     overrides = {"device": args.device, **parse_set_args(args.set)}
     if args.local_epochs:
         overrides["fl.local_epochs"] = args.local_epochs
@@ -299,7 +305,6 @@ def main(argv=None) -> dict:
     clients = [int(k) for k in client_schedule(cfg.seed, cfg.data.num_clients, f.clients_per_round, 1)[0]]
     generators = lambda: [client_generator(cfg.seed, 1, k) for k in clients]  # noqa: E731
     images = sum(len(data.clients[k]) for k in clients) * f.local_epochs
-    scratch = tempfile.mkdtemp()
     engine = Engine(cfg, make_method(cfg), data, scratch, device, progress=False)
     profile_mode = "vectorized" if engine.vectorized else "sequential"  # what the profile's FedAvg runs use
     print(f"{args.profile}: {len(clients)} clients x {f.local_epochs} local epoch(s), {images} images, "
