@@ -48,9 +48,10 @@ book: $(VENV)/.installed-book
 
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir);
 # accuracies are compared where this machine rounds as the one that stored the outputs did.
-# Runs, teacher caches and datasets go to one scratch folder, removed however the tests end.
+# Runs, teacher caches and datasets go to one scratch folder, removed when the tests end, fail or are
+# interrupted (Ctrl-C, SIGTERM).
 test: setup
-	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && set -x && \
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 'exit 130' INT TERM && set -x && \
 	FL_CORE_RUNS=$$scratch/runs FL_CORE_CACHE=$$scratch/cache $(PY) -m pytest -q tests && \
 	$(PY) notebooks/nbval_sanitize.py > $$scratch/nbval-rules && \
 	FL_CORE_RUNS=$$scratch/nbval-runs FL_CORE_CACHE=$$scratch/nbval-cache \
@@ -67,7 +68,7 @@ bench: setup
 # back (as if executed in place) when all have run, so that no run sees notebooks/ changed (its
 # provenance would say "dirty").
 notebooks: $(VENV)/.installed-book
-	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && cache=$$scratch/cache && out=$$scratch/out && mkdir $$out && \
+	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 'exit 130' INT TERM && cache=$$scratch/cache && out=$$scratch/out && mkdir $$out && \
 	for nb in $(NOTEBOOKS); do \
 	  FL_CORE_RUNS=$$scratch/runs-$$(basename $$nb .ipynb) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
 	done; for nb in $(NOTEBOOKS); do \
