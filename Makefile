@@ -13,6 +13,10 @@ export FL_CORE_RUNS ?= $(CURDIR)/runs
 
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
+# A recipe's scratch folder ($$scratch), removed however the recipe ends: make's /bin/sh (dash) skips
+# an EXIT trap when a signal ends it, so Ctrl-C and SIGTERM exit through it.
+WITH_SCRATCH := scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 'exit 130' INT TERM
+
 # `make setup`: everything, tests and Flower included. The book needs less (no Flower, no Ray) and
 # installs only its part (on the 2-core machine 97 s instead of 104; the book's budget is ~30 min).
 setup: $(VENV)/.installed
@@ -48,10 +52,9 @@ book: $(VENV)/.installed-book
 
 # Unit/integration tests, then nbval on the notebooks (smoke profile, runs in a fresh temp dir);
 # accuracies are compared where this machine rounds as the one that stored the outputs did.
-# Runs, teacher caches and datasets go to one scratch folder, removed when the tests end, fail or are
-# interrupted (Ctrl-C, SIGTERM).
+# Runs, teacher caches and datasets go to one scratch folder (WITH_SCRATCH).
 test: setup
-	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 'exit 130' INT TERM && set -x && \
+	@$(WITH_SCRATCH) && set -x && \
 	FL_CORE_RUNS=$$scratch/runs FL_CORE_CACHE=$$scratch/cache $(PY) -m pytest -q tests && \
 	$(PY) notebooks/nbval_sanitize.py > $$scratch/nbval-rules && \
 	FL_CORE_RUNS=$$scratch/nbval-runs FL_CORE_CACHE=$$scratch/nbval-cache \
@@ -68,7 +71,7 @@ bench: setup
 # back (as if executed in place) when all have run, so that no run sees notebooks/ changed (its
 # provenance would say "dirty").
 notebooks: $(VENV)/.installed-book
-	@scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 'exit 130' INT TERM && cache=$$scratch/cache && out=$$scratch/out && mkdir $$out && \
+	@$(WITH_SCRATCH) && cache=$$scratch/cache && out=$$scratch/out && mkdir $$out && \
 	for nb in $(NOTEBOOKS); do \
 	  FL_CORE_RUNS=$$scratch/runs-$$(basename $$nb .ipynb) FL_CORE_CACHE=$$cache $(VENV)/bin/papermill --log-level WARNING $$nb $$out/$$(basename $$nb) || exit 1; \
 	done; for nb in $(NOTEBOOKS); do \

@@ -95,13 +95,14 @@ EXECUTION_ONLY = ("profile", "fl.client_training", "fl.cuda_graphs", "fl.channel
 # those runs keep their fingerprints
 FINGERPRINT_SINCE = {"fl.precision": "fp32", "cpu_threads": 0, "data.augment_per": "image"}
 
+MLLM_BACKENDS = ("simulated", "hf")
+CLIP_BACKENDS = ("offline", "open_clip")
+
 
 def omitted_from_fingerprint(key: str, value) -> bool:
     """Whether a setting added after runs were recorded is at the value those runs had
     (``FINGERPRINT_SINCE``), and so left out of the hashes that name results."""
     return key in FINGERPRINT_SINCE and value == FINGERPRINT_SINCE[key]
-MLLM_BACKENDS = ("simulated", "hf")
-CLIP_BACKENDS = ("offline", "open_clip")
 
 
 @dataclass
