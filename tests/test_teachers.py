@@ -150,7 +150,7 @@ def test_the_server_annotates_with_the_class_names_as_text(cache, monkeypatch):
     fed = build_federated_data(cfg)
     names = [f"digit_{name}" for name in fed.dataset.class_names]
     fed = dataclasses.replace(fed, dataset=dataclasses.replace(fed.dataset, class_names=names))
-    _, annotation = annotated_pool(cfg, fed, TeacherCache(), "cpu", progress=False)
+    _, annotation = annotated_pool(cfg, fed, cache, "cpu", progress=False)
     assert all(re.search(r"digit (zero|one|two|three|four|five|six|seven|eight|nine)\b", c) for c in annotation.captions)
     assert not any("_" in c for c in annotation.captions)
 
