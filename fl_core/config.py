@@ -478,6 +478,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ValueError(f"teacher.mllm_accuracy={t.mllm_accuracy:g} applies to the simulated MLLM only, but teacher.mllm="
                          f"{t.mllm}: a real MLLM's accuracy is measured on the pool, not set; leave teacher.mllm_accuracy "
                          f"at {TeacherConfig.mllm_accuracy:g}")
+    _check_backend_only_settings(t)
     _at_least("teacher.image_size", t.image_size, 16)
     _at_least("teacher.align_steps", t.align_steps, 0)
     _at_least("teacher.batch_size", t.batch_size, 1)
@@ -489,6 +490,22 @@ def validate(cfg: ExperimentConfig) -> None:
             f"{d.dataset} has only about {images} images; use at most {images} clients"
         )
     _check_web_pool(cfg, images)
+
+
+# settings that only one backend reads: set for the other, they would be silently ignored (a model path
+# given without switching the backend to it)
+BACKEND_ONLY_SETTINGS = {"mllm_model": ("mllm", "hf"), "mllm_revision": ("mllm", "hf"), "caption_prompt": ("mllm", "hf"),
+                         "clip_model": ("clip", "open_clip"), "clip_pretrained": ("clip", "open_clip")}
+
+
+def _check_backend_only_settings(t: TeacherConfig) -> None:
+    for key, (role, backend) in BACKEND_ONLY_SETTINGS.items():
+        value, in_use = getattr(t, key), getattr(t, role)
+        if in_use != backend and value != getattr(TeacherConfig, key):
+            raise ValueError(
+                f"teacher.{key}={value!r} is read by teacher.{role}={backend} only, but teacher.{role}={in_use}, which "
+                f"would ignore it; add --set teacher.{role}={backend} to use it, or leave teacher.{key} at its default "
+                f"{getattr(TeacherConfig, key)!r}")
 
 
 def _check_web_pool(cfg: ExperimentConfig, kept_images: int) -> None:

@@ -53,6 +53,11 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"seed": 2**32}, r"seed=4294967296 is invalid"),
         ({"method.name": "mllm_fl", "model.arch": "resnet8_clip2fl"}, r"model\.arch=resnet8_clip2fl does not go with mllm_fl's stage 1"),
         ({"teacher.mllm": "hf", "teacher.mllm_accuracy": 0.7}, r"teacher\.mllm_accuracy=0\.7 applies to the simulated MLLM only"),
+        ({"teacher.mllm_model": "/models/llava"}, r"teacher\.mllm_model='/models/llava' is read by teacher\.mllm=hf only, "
+                                                  r"but teacher\.mllm=simulated, .* add --set teacher\.mllm=hf"),
+        ({"teacher.caption_prompt": "Say what it is."}, r"teacher\.caption_prompt=.* is read by teacher\.mllm=hf only"),
+        ({"teacher.clip_pretrained": "/models/clip.bin"}, r"teacher\.clip_pretrained='/models/clip\.bin' is read by "
+                                                         r"teacher\.clip=open_clip only, but teacher\.clip=offline"),
     ],
 )
 def test_bad_settings_name_the_field_the_value_and_what_is_valid(overrides, pattern):
@@ -113,3 +118,9 @@ def test_code_changes_to_results_change_the_fingerprints_they_concern():
     assert data_content(make_config("paper-cifar10").data) == {}
     # a setting added later (data.augment_per) leaves the fingerprints at its default, not at another value
     assert make_config("offline", {"method.name": "mllm_fl", "data.augment_per": "batch"}).fingerprint() != "802d930d1a93"
+
+
+def test_a_backend_only_setting_is_taken_with_its_backend():
+    cfg = make_config("smoke", {"teacher.mllm": "hf", "teacher.mllm_model": "/models/llava", "teacher.clip": "open_clip",
+                                "teacher.clip_pretrained": "/models/clip.bin"})
+    assert (cfg.teacher.mllm_model, cfg.teacher.clip_pretrained) == ("/models/llava", "/models/clip.bin")
