@@ -489,6 +489,13 @@ def validate(cfg: ExperimentConfig) -> None:
             f"data.num_clients={d.num_clients} is invalid: the long-tailed training set of "
             f"{d.dataset} has only about {images} images; use at most {images} clients"
         )
+    if d.partition == "dirichlet" and d.min_client_size * d.num_clients > images:
+        raise ValueError(
+            f"data.min_client_size={d.min_client_size} is invalid: data.num_clients={d.num_clients} clients of at least "
+            f"that many images need {d.min_client_size * d.num_clients}, but the long-tailed training set of {d.dataset} "
+            f"has only about {images}; use at most {images // d.num_clients} (well below it: the Dirichlet split is "
+            "redrawn until its smallest client holds that many)"
+        )
     _check_web_pool(cfg, images)
 
 

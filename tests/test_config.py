@@ -45,6 +45,8 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
         ({"method.name": "scaffold"}, r"method\.name='scaffold' is not valid; choose one of: .*fedavg"),
         ({"data.partition": "shards"}, r"data\.partition='shards' is not valid; choose one of: creff, dirichlet, iid"),
         ({"data.augment_per": "client"}, r"data\.augment_per='client' is not valid; choose one of: batch, image"),
+        ({"data.partition": "dirichlet", "data.min_client_size": 100000},
+         r"data\.min_client_size=100000 is invalid: data\.num_clients=10 clients .* need 1000000, .* use at most \d+"),
         ({"fl.clients_per_round": 11}, r"fl\.clients_per_round=11 is invalid: only data\.num_clients=10"),
         ({"fl.lr": 0}, r"fl\.lr=0(\.0)? is invalid"),
         ({"fl.rounds": "many"}, r"fl\.rounds='many' is not a valid int"),
