@@ -114,7 +114,8 @@ class DataConfig:
     num_clients: int = 20
     alpha: float = 0.5  # Dirichlet concentration of the non-IID split
     partition: str = "creff"
-    min_client_size: int = 10  # 'dirichlet' partitioner: redraw until every client has this many
+    # 'dirichlet' partitioner: redraw until every client has this many (the default: at most the average client size)
+    min_client_size: int = 10
     train_limit: int = 0  # 0 = whole training split, else only its first N images (small profiles)
     test_limit: int = 0  # 0 = whole test split, else a class-stratified subset of N images
     augment: bool = True  # random crop (+ flip where the dataset allows) on the training device
@@ -489,7 +490,10 @@ def validate(cfg: ExperimentConfig) -> None:
             f"data.num_clients={d.num_clients} is invalid: the long-tailed training set of "
             f"{d.dataset} has only about {images} images; use at most {images} clients"
         )
-    if d.partition == "dirichlet" and d.min_client_size * d.num_clients > images:
+    # the partitioner lowers the default floor to the average client size where it must; a floor set by hand
+    # that cannot fit is refused here
+    if (d.partition == "dirichlet" and d.min_client_size != DataConfig.min_client_size
+            and d.min_client_size * d.num_clients > images):
         raise ValueError(
             f"data.min_client_size={d.min_client_size} is invalid: data.num_clients={d.num_clients} clients of at least "
             f"that many images need {d.min_client_size * d.num_clients}, but the long-tailed training set of {d.dataset} "
