@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed rounds (and teacher outputs) are saved; the same command resumes from there",
+              file=sys.stderr)
+        return 130
 
 
 def run_command(cfg, run_dir, progress: bool) -> int:

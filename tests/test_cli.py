@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +51,24 @@ def test_bad_input_fails_at_once_with_a_clear_message(args, message):
     done = cli("run", *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - start < 10
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "fl.rounds": 50}.items()]
+    # its own process group, which Ctrl-C signals as a whole
+    proc = subprocess.Popen([sys.executable, "-m", "fl_core", "run", "--profile", "smoke", "--no-progress", "--run-dir",
+                             str(tmp_path / "run"), *sets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    record = tmp_path / "run" / "record.json"
+    deadline = time.monotonic() + 120
+    while not record.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: completed rounds" in stderr and "the same command resumes" in stderr
+    assert "Traceback" not in stderr
+    assert json.loads(record.read_text())["status"] == "running"
 
 
 def test_missing_data_fails_within_seconds(tmp_path):
