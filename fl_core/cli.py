@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.teachers import TeacherUnavailableError
 
     try:
+        check_folders(args)
         if args.command == "annotate":
             return annotate_command(cfg, progress=not args.no_progress)
         if args.command == "compare":
@@ -77,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: completed rounds (and teacher outputs) are saved; the same command resumes from there",
               file=sys.stderr)
         return 130
+
+
+def check_folders(args: argparse.Namespace) -> None:
+    """The teacher cache's folder, and the runs' where the command writes runs, can be written."""
+    from fl_core.experiment import runs_root
+    from fl_core.results import check_writable_folder
+    from fl_core.teachers.cache import cache_root
+
+    check_writable_folder(cache_root(), "set FL_CORE_CACHE to a folder you can write")
+    if getattr(args, "run_dir", None) is not None:
+        check_writable_folder(args.run_dir, "pass a --run-dir you can write")
+    elif args.command != "annotate":
+        check_writable_folder(runs_root(), "set FL_CORE_RUNS to a folder you can write, or pass --run-dir")
 
 
 def run_command(cfg, run_dir, progress: bool) -> int:

@@ -17,6 +17,17 @@ RECORD_NAME = "record.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def check_writable_folder(path: Path | str, how_to_change: str) -> None:
+    """A ``ValueError`` naming ``path``, and ``how_to_change`` it, where that folder could not be created
+    or written; creates nothing (found before a run starts, not at its first checkpoint)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the folder {path}: {existing} is not a folder; {how_to_change}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write the folder {path}: {existing} is not writable; {how_to_change}")
+
+
 def atomic_write(path: Path | str, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file."""
     path = Path(path)

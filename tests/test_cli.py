@@ -71,6 +71,18 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
     assert json.loads(record.read_text())["status"] == "running"
 
 
+def test_folders_that_cannot_be_written_fail_before_the_run(tmp_path, monkeypatch):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    done = cli("run", "--profile", "smoke", "--run-dir", str(a_file / "run"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot create the folder {a_file / 'run'}: {a_file} is not a folder; pass a --run-dir you can write" in done.stderr
+    monkeypatch.setenv("FL_CORE_CACHE", str(a_file / "cache"))
+    done = cli("compare", "--profile", "smoke", "--methods", "fedavg")
+    assert done.returncode == 2 and "set FL_CORE_CACHE to a folder you can write" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_data_fails_within_seconds(tmp_path):
     start = time.monotonic()
     done = cli("run", "--profile", "paper-cifar10", "--set", f"data.root={tmp_path}")
