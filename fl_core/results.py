@@ -1,8 +1,9 @@
-"""Run records: atomic writes, provenance (commit, device), and loaders for the notebooks."""
+"""Run records: atomic writes, provenance (commit, device, library versions), and loaders for the notebooks."""
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -95,7 +96,10 @@ def find_records(root: Path | str, complete_only: bool = True) -> list[dict]:
     return records
 
 
-RESULT_PATHS = ("fl_core", "notebooks", "pyproject.toml")  # what can change a result
+RESULT_PATHS = ("fl_core", "notebooks", "pyproject.toml", "constraints.txt")  # what can change a result
+# the libraries whose versions a run record names: those that compute a result or its teachers' outputs
+COMPUTING_LIBRARIES = ("torch", "torchvision", "numpy", "transformers", "sentence-transformers", "open_clip_torch",
+                       "timm", "flwr")
 
 
 def git_commit() -> dict:
@@ -113,6 +117,18 @@ def git_commit() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
     return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def library_versions() -> dict[str, str]:
+    """Python's version and those of the installed ``COMPUTING_LIBRARIES``: with the commit and the
+    device, what another machine needs to repeat a result (``make setup`` installs constraints.txt's)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its build, e.g. +cu130
+    for name in COMPUTING_LIBRARIES[1:]:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def device_description(device: torch.device) -> str:

@@ -130,6 +130,7 @@ def test_the_record_names_the_commit_found_once_per_run(tiny_config, tmp_path, m
     assert (record["commit"], record["dirty"]) == ("abc", True)
     assert len(lookups) == 1  # not two git processes per round
     assert load_record(tmp_path / "run")["commit"] == "abc"
+    assert record["libraries"]["torch"] == torch.__version__ and record["libraries"]["numpy"] == np.__version__
 
 
 def test_the_record_names_the_cpu_model_and_the_provenance_lines_show_it(tiny_config, tmp_path, monkeypatch):

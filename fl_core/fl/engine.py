@@ -27,7 +27,8 @@ from fl_core.data.federated import FederatedData
 from fl_core.fl.sampling import client_generator, client_schedule
 from fl_core.metrics import GROUP_NAMES, evaluate, forward_flops_per_image, training_flops_per_image
 from fl_core.models import build_model, resolve_arch
-from fl_core.results import CHECKPOINT_NAME, RECORD_NAME, device_description, git_commit, save_torch, write_json
+from fl_core.results import (CHECKPOINT_NAME, RECORD_NAME, device_description, git_commit, library_versions, save_torch,
+                              write_json)
 
 if TYPE_CHECKING:
     from fl_core.methods.base import Method
@@ -193,8 +194,8 @@ class Engine:
 
     @functools.cached_property
     def _code_and_device(self) -> dict:
-        """The record's commit and device, found once per process (git runs twice per lookup)."""
-        return {**git_commit(), "device": device_description(self.device)}
+        """The record's commit, device and library versions, found once per process (git runs twice per lookup)."""
+        return {**git_commit(), "device": device_description(self.device), "libraries": library_versions()}
 
     def _record(self, status: str) -> dict:
         cfg, rounds = self.cfg, self._rounds
