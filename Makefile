@@ -83,7 +83,8 @@ notebooks: $(VENV)/.installed-book
 	$(PY) notebooks/nbval_sanitize.py --store
 
 # Renew constraints.txt: install everything into a scratch venv without it (today's releases that
-# pyproject.toml allows) and write down the versions. Then run `make test` and `make book` on them.
+# pyproject.toml allows) and write down the versions. Then run `make test` and `make book` on them
+# (and `make notebooks` where nbval finds that the smoke runs' accuracies moved).
 lock:
 	@$(WITH_SCRATCH) && $(PYTHON) -m venv $$scratch/venv && pip="$$scratch/venv/bin/python -m pip" && \
 	$$pip install --quiet --disable-pip-version-check $(TORCH) && \

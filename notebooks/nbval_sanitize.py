@@ -5,8 +5,9 @@ Accuracies of trained models repeat exactly on one machine and on CPUs that run 
 of torch's libraries (two AMD EPYCs of different generations did), but not across CPU vendors (an
 Intel Xeon rounded differently). So the stored outputs name what decides that, the CPU vendor,
 torch's vector instruction set and torch's version (``stored-on.json``, written by ``make
-notebooks``); where this machine matches, the ``[accuracies ...]`` sections of
-``nbval-sanitize.cfg`` are dropped and nbval compares every number.
+notebooks``); where this machine matches, and the libraries that compute are at the versions
+``constraints.txt`` pins (those ``make setup`` installs, with which the outputs were stored), the
+``[accuracies ...]`` sections of ``nbval-sanitize.cfg`` are dropped and nbval compares every number.
 
     python notebooks/nbval_sanitize.py > rules.cfg   # the rules for this machine; says which on stderr
     python notebooks/nbval_sanitize.py --store        # the outputs were just stored on this machine
@@ -22,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "nbval-sanitize.cfg"
 STORED_ON = HERE / "stored-on.json"
+CONSTRAINTS = HERE.parent / "constraints.txt"
 ACCURACY_SECTION = re.compile(r"^\[accuracies[^\]]*\]\n(?:(?!\[).*\n?)*", re.MULTILINE)
 
 
@@ -37,6 +39,28 @@ def numerics() -> dict[str, str]:
 
 def stored_numerics() -> dict[str, str] | None:
     return json.loads(STORED_ON.read_text()) if STORED_ON.exists() else None
+
+
+def pinned_versions() -> dict[str, str]:
+    """constraints.txt's pins, ``{canonical name: version}`` (none where there is no such file)."""
+    from packaging.utils import canonicalize_name
+
+    lines = CONSTRAINTS.read_text().splitlines() if CONSTRAINTS.exists() else []
+    return {canonicalize_name(name): version for name, _, version in
+            (line.partition("==") for line in lines if "==" in line and not line.startswith("#"))}
+
+
+def libraries_off_their_pins() -> list[str]:
+    """The libraries that compute (``fl_core.results.library_versions``) installed at another version
+    than constraints.txt pins, e.g. ``numpy 2.3.0 (pinned 2.4.6)``."""
+    from packaging.utils import canonicalize_name
+
+    from fl_core.results import library_versions
+
+    pins = pinned_versions()
+    return [f"{name} {version} (pinned {pins[canonicalize_name(name)]})"
+            for name, version in library_versions().items()
+            if canonicalize_name(name) in pins and version.split("+")[0] != pins[canonicalize_name(name)]]
 
 
 def rules(compare_accuracies: bool) -> str:
@@ -55,11 +79,16 @@ def main(argv: list[str]) -> int:
         return 2
     stored = stored_numerics()
     same = stored == here
-    what = ", ".join(here.values())
-    print(f"nbval: accuracies {'compared' if same else 'masked'}: this machine ({what}) "
-          f"{'rounds as' if same else 'may round otherwise than'} the one that stored the outputs "
-          f"({', '.join(stored.values()) if stored else 'not recorded'})", file=sys.stderr)
-    sys.stdout.write(rules(same))
+    off_pins = libraries_off_their_pins() if same else []
+    compare = same and not off_pins
+    if off_pins:
+        why = (f"the outputs were stored with constraints.txt's versions (make setup installs them), but here "
+               f"{', '.join(off_pins)}")
+    else:
+        why = (f"this machine ({', '.join(here.values())}) {'rounds as' if same else 'may round otherwise than'} "
+               f"the one that stored the outputs ({', '.join(stored.values()) if stored else 'not recorded'})")
+    print(f"nbval: accuracies {'compared' if compare else 'masked'}: {why}", file=sys.stderr)
+    sys.stdout.write(rules(compare))
     return 0
 
 

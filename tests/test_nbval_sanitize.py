@@ -36,6 +36,7 @@ def test_accuracies_are_compared_only_where_the_machine_rounds_as_the_stored_one
     stored.write_text(json.dumps({"cpu_vendor": "AuthenticAMD", "cpu_capability": "AVX512", "torch": "2.14.1"}))
     monkeypatch.setattr(script, "STORED_ON", stored)
     monkeypatch.setattr(script, "numerics", lambda: machine)
+    monkeypatch.setattr(script, "libraries_off_their_pins", lambda: [])
     assert script.main([]) == 0
     out, err = capsys.readouterr()
     text = sanitized(out, OUTPUT)
@@ -43,6 +44,20 @@ def test_accuracies_are_compared_only_where_the_machine_rounds_as_the_stored_one
     assert ("#.#" in text) != compared
     assert "|  seeds" not in text  # the column padding rule applies either way
     assert ("accuracies compared" if compared else "accuracies masked") in err
+
+
+def test_libraries_at_other_versions_than_pinned_mask_the_accuracies(script, tmp_path, monkeypatch, capsys):
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("# pins\nnumpy==2.4.6\ntorch==2.14.1\nSentence_Transformers==6.3.0\n")
+    monkeypatch.setattr(script, "CONSTRAINTS", constraints)
+    monkeypatch.setattr("fl_core.results.library_versions", lambda: {
+        "python": "3.11.7", "torch": "2.14.1+cu130", "numpy": "2.3.0", "sentence-transformers": "6.3.0", "timm": "1.0"})
+    assert script.libraries_off_their_pins() == ["numpy 2.3.0 (pinned 2.4.6)"]  # torch's build tag aside
+    monkeypatch.setattr(script, "numerics", script.stored_numerics)  # the machine that stored them
+    script.main([])
+    out, err = capsys.readouterr()
+    assert "19.3" not in sanitized(out, OUTPUT)
+    assert "accuracies masked" in err and "but here numpy 2.3.0 (pinned 2.4.6)" in err
 
 
 def test_without_a_record_of_the_storing_machine_accuracies_are_masked(script, tmp_path, monkeypatch, capsys):
