@@ -97,9 +97,9 @@ def find_records(root: Path | str, complete_only: bool = True) -> list[dict]:
 
 
 RESULT_PATHS = ("fl_core", "notebooks", "pyproject.toml", "constraints.txt")  # what can change a result
-# the libraries whose versions a run record names: those that compute a result or its teachers' outputs
-COMPUTING_LIBRARIES = ("torch", "torchvision", "numpy", "transformers", "sentence-transformers", "open_clip_torch",
-                       "timm", "flwr")
+# besides torch, the libraries whose versions a run record names: they compute results or teachers' outputs
+COMPUTING_LIBRARIES = ("torchvision", "numpy", "transformers", "sentence-transformers", "open_clip_torch", "timm",
+                       "flwr")
 
 
 def git_commit() -> dict:
@@ -120,10 +120,11 @@ def git_commit() -> dict:
 
 
 def library_versions() -> dict[str, str]:
-    """Python's version and those of the installed ``COMPUTING_LIBRARIES``: with the commit and the
-    device, what another machine needs to repeat a result (``make setup`` installs constraints.txt's)."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}  # with its build, e.g. +cu130
-    for name in COMPUTING_LIBRARIES[1:]:
+    """The versions of Python, torch (with its build, e.g. ``2.14.1+cu130``) and the installed
+    ``COMPUTING_LIBRARIES``: with the commit and the device, what another machine needs to repeat a
+    result (``make setup`` installs constraints.txt's)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in COMPUTING_LIBRARIES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
