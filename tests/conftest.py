@@ -1,4 +1,8 @@
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,21 @@ TINY = {
     "fl.local_epochs": 1,
     "model.width": 0.125,
 }
+
+
+def start_tiny_run(run_dir: Path, rounds: int, **popen) -> tuple[list[str], subprocess.Popen]:
+    """``python -m fl_core run`` of the TINY federation for ``rounds`` rounds into ``run_dir``, started in the
+    background: (its command, its process)."""
+    sets = [f"--set={k}={v}" for k, v in {**TINY, "fl.rounds": rounds}.items()]
+    cmd = [sys.executable, "-m", "fl_core", "run", "--profile", "smoke", "--no-progress", "--run-dir", str(run_dir), *sets]
+    return cmd, subprocess.Popen(cmd, **popen)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``path`` exists, ``proc`` has ended or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, start_tiny_run, wait_for_file
 
 GROUPS = ("many", "medium", "few", "head", "middle", "tail")
 # the teachers' and server's work cut down, for whole runs of every method in seconds
@@ -54,15 +54,11 @@ def test_bad_input_fails_at_once_with_a_clear_message(args, message):
 
 
 def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
-    sets = [f"--set={k}={v}" for k, v in {**TINY, "fl.rounds": 50}.items()]
     # its own process group, which Ctrl-C signals as a whole
-    proc = subprocess.Popen([sys.executable, "-m", "fl_core", "run", "--profile", "smoke", "--no-progress", "--run-dir",
-                             str(tmp_path / "run"), *sets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    _, proc = start_tiny_run(tmp_path / "run", 50, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     record = tmp_path / "run" / "record.json"
-    deadline = time.monotonic() + 120
-    while not record.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_file(record, proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -2,15 +2,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from fl_core import report
-from fl_core.config import make_config
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
 from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local_sgd, weighted_average
@@ -19,7 +16,7 @@ from fl_core.metrics import group_accuracy, per_class_accuracy, predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
-from conftest import TINY
+from conftest import start_tiny_run, wait_for_file
 
 
 def stable(record):
@@ -198,13 +195,8 @@ def test_killed_process_resumes_to_the_same_record(tiny_config, tmp_path):
     rounds = 8
     cfg = tiny_config(fl__rounds=rounds)
     reference = run_experiment(cfg, tmp_path / "reference", progress=False)
-    sets = [f"--set={k}={v}" for k, v in {**TINY, "fl.rounds": rounds}.items()]
-    cmd = [sys.executable, "-m", "fl_core", "run", "--profile", "smoke", "--no-progress", "--run-dir", str(tmp_path / "run"), *sets]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    cmd, proc = start_tiny_run(tmp_path / "run", rounds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_file(tmp_path / "run" / CHECKPOINT_NAME, proc)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     record_path = tmp_path / "run" / "record.json"  # may not be written yet: killed right after a checkpoint
