@@ -194,7 +194,8 @@ class Engine:
 
     @functools.cached_property
     def _code_and_device(self) -> dict:
-        """The record's commit, device and library versions, found once per process (git runs twice per lookup)."""
+        """The record's commit, device and library versions, found once per run, not per round (git runs
+        twice per lookup)."""
         return {**git_commit(), "device": device_description(self.device), "libraries": library_versions()}
 
     def _record(self, status: str) -> dict:
