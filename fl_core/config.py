@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -379,14 +380,21 @@ def apply_overrides(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
         for part in parts[:-1]:
             sub = getattr(owner, part, None)
             if not dataclasses.is_dataclass(sub):
-                raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+                raise ValueError(_unknown_key(key, valid))
             owner = sub
         names = {f.name: f for f in dataclasses.fields(owner)}
         if parts[-1] not in names or dataclasses.is_dataclass(getattr(owner, parts[-1])):
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+            raise ValueError(_unknown_key(key, valid))
         hints = typing.get_type_hints(type(owner))
         setattr(owner, parts[-1], _coerce(key, value, hints[parts[-1]]))
     return cfg
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    """The error for an unknown override key: the closest valid keys first, then all of them."""
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.8)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
 
 
 def validate(cfg: ExperimentConfig) -> None:

@@ -33,8 +33,9 @@ def test_int_accepted_for_float_field_but_not_the_reverse():
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
-        ({"fl.round": 3}, r"unknown config key 'fl\.round'; valid keys: .*fl\.rounds"),
-        ({"nope": 1}, r"unknown config key 'nope'"),
+        ({"fl.round": 3}, r"unknown config key 'fl\.round' \(did you mean fl\.rounds\?\); valid keys: .*fl\.rounds"),
+        ({"model.widht": 2}, r"unknown config key 'model\.widht' \(did you mean model\.width\?\)"),
+        ({"nope": 1}, r"unknown config key 'nope'; valid keys"),
         ({"data.imbalance_factor": 0.5}, r"data\.imbalance_factor=0\.5 is invalid: it must be >= 1"),
         ({"data.dataset": "imagenet_lt"}, r"data\.imbalance_factor=100 does not apply to imagenet_lt: .* leave data\.imbalance_factor at 1"),
         ({"data.alpha": 0}, r"data\.alpha=0(\.0)? is invalid: .* must be > 0"),
