@@ -196,6 +196,8 @@ def test_missing_mllm_weights_fail_fast_naming_the_model():
     with pytest.raises(TeacherUnavailableError, match=r"llava-hf/llava-1.5-7b-hf.*teacher.mllm_model.*allow_download"):
         HFMultimodalLLM.load("llava-hf/llava-1.5-7b-hf")
     assert time.monotonic() - start < 10
+    with pytest.raises(TeacherUnavailableError, match=r"the MLLM folder '/nowhere/llava' does not exist"):
+        HFMultimodalLLM.load("/nowhere/llava")
 
 
 # ---- CLIP-role encoders ------------------------------------------------------------------------
@@ -237,6 +239,8 @@ def test_missing_open_clip_weights_fail_fast(cache):
     with pytest.raises(TeacherUnavailableError, match="ViT-B-32.*openai.*teacher.clip_pretrained"):
         OpenCLIPEncoder(cache, "ViT-B-32", pretrained="openai")
     assert time.monotonic() - start < 10
+    with pytest.raises(TeacherUnavailableError, match=r"checkpoint '/nowhere/clip\.pt': no such file"):
+        OpenCLIPEncoder(cache, "ViT-B-32", pretrained="/nowhere/clip.pt")
 
 
 def test_image_features_do_not_depend_on_what_the_cache_held(mnist, tmp_path, monkeypatch):

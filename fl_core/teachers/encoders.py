@@ -126,6 +126,8 @@ class OpenCLIPEncoder(ImageTextEncoder):
                "or allow the download with --set teacher.allow_download=true")
         arch = open_clip_architecture(model_name)
         if pretrained and not allow_download and not Path(pretrained).is_file() and not _open_clip_cached(arch, pretrained):
+            if "/" in pretrained or Path(pretrained).suffix:
+                raise TeacherUnavailableError(f"open_clip {model_name} checkpoint {pretrained!r}: no such file. {how}")
             raise TeacherUnavailableError(f"open_clip {model_name} weights {pretrained!r} are not in the local cache. {how}")
         try:
             model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None, device=self.device)

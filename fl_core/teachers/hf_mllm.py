@@ -12,6 +12,7 @@ by default LLaVA-1.5-7B. Batched, left-padded, bf16 on GPU.
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +46,11 @@ class HFMultimodalLLM:
         """Load from a local path or the local Hugging Face cache (or the hub when ``allow_download``)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        how = ("Point teacher.mllm_model at a local folder holding its weights and processor "
+               "(--set teacher.mllm_model=/path/to/llava-1.5-7b-hf), or allow the download with "
+               "--set teacher.allow_download=true")
+        if model_id.startswith(("/", ".", "~")) and not Path(model_id).expanduser().is_dir():
+            raise TeacherUnavailableError(f"the MLLM folder {model_id!r} does not exist. {how}")
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         try:
             processor = AutoProcessor.from_pretrained(model_id, revision=revision, local_files_only=not allow_download)
@@ -53,10 +59,7 @@ class HFMultimodalLLM:
             ).to(device)
         except (OSError, ValueError) as err:
             raise TeacherUnavailableError(
-                f"the MLLM {model_id!r} (revision {revision}) is not available offline ({str(err).splitlines()[0]}). "
-                "Point teacher.mllm_model at a local folder holding its weights and processor "
-                "(--set teacher.mllm_model=/path/to/llava-1.5-7b-hf), or allow the download with "
-                "--set teacher.allow_download=true"
+                f"the MLLM {model_id!r} (revision {revision}) is not available offline ({str(err).splitlines()[0]}). {how}"
             ) from None
         return cls(model, processor, name=f"hf:{model_id}@{revision}", device=device, batch_size=batch_size)
 
