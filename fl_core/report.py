@@ -263,7 +263,8 @@ def method_label(record: dict) -> str:
     (simulated MLLM, offline encoder)``: substitutes are named wherever their numbers appear."""
     cfg = record["config"]
     substitutes = [t for t in teachers_of(cfg).values() if t in SUBSTITUTE_TEACHERS]
-    return METHOD_NAMES[cfg["method"]["name"]] + (f" ({', '.join(substitutes)})" if substitutes else "")
+    name = METHOD_NAMES.get(cfg["method"]["name"], cfg["method"]["name"])  # a method added later: its config name
+    return name + (f" ({', '.join(substitutes)})" if substitutes else "")
 
 
 def label_methods(records: list[dict]) -> list[dict]:

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,15 @@ TINY = {
     "fl.local_epochs": 1,
     "model.width": 0.125,
 }
+
+
+def stable(record: dict) -> dict:
+    """A record without what legitimately differs between runs (timings, paths)."""
+    record = json.loads(json.dumps(record))
+    record.pop("timing"), record.pop("_path", None)
+    for entry in record["rounds"]:
+        entry.pop("seconds"), entry.pop("seconds_by_part")
+    return record
 
 
 def start_tiny_run(run_dir: Path, rounds: int, **popen) -> tuple[list[str], subprocess.Popen]:

@@ -16,16 +16,7 @@ from fl_core.metrics import group_accuracy, per_class_accuracy, predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
-from conftest import start_tiny_run, wait_for_file
-
-
-def stable(record):
-    """A record without what legitimately differs between runs (timings, paths)."""
-    record = json.loads(json.dumps(record))
-    record.pop("timing"), record.pop("_path", None)
-    for entry in record["rounds"]:
-        entry.pop("seconds"), entry.pop("seconds_by_part")
-    return record
+from conftest import stable, start_tiny_run, wait_for_file
 
 
 def test_weighted_average_is_sample_weighted():
