@@ -277,3 +277,12 @@ def test_host_to_device_copies_do_not_grow_with_the_steps(monkeypatch):
 
     for train in (together, alone):
         assert copies(train, 1) == copies(train, 4)
+
+
+def test_a_layer_stacking_does_not_know_is_named():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.ReLU())
+    with pytest.raises(TypeError, match=r"cannot train clients of Sequential together: its layer '1' \(GroupNorm\)"):
+        stacked_skeleton(model)
+    circular = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"))
+    with pytest.raises(TypeError, match="zero-padded convolutions only, not padding_mode='circular'"):
+        stacked_skeleton(circular)
