@@ -287,7 +287,7 @@ def provenance_of(records: list[dict]) -> str:
     teachers = list(dict.fromkeys(t[role] for role in ("mllm", "clip") for t in by_role if role in t))  # MLLMs first
     commits = sorted({r["commit"][:10] + ("+dirty" if r.get("dirty") else "") for r in records})
     devices = sorted({r["device"] for r in records})
-    return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} runs; "
+    return (f"profile {', '.join(profiles)}; seeds {seeds}; {len(records)} run{'s' if len(records) != 1 else ''}; "
             + (f"teachers: {', '.join(teachers)}; " if teachers else "")
             + f"commit {', '.join(commits)}; on {' and '.join(devices)}")
 
