@@ -7,11 +7,16 @@ checked up front; a bad one raises ``ValueError`` naming the field, the value an
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
 import hashlib
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,13 +113,13 @@ def omitted_from_fingerprint(key: str, value) -> bool:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist"
+    dataset: str = "mnist"  # mnist (embedded), cifar10, cifar100, imagenet_lt, or imagefolder (your own images)
     root: str = "data"  # where cifar10/cifar100/imagenet_lt/imagefolder live (torchvision layout / LT lists / folders)
     download: bool = False  # opt-in download of CIFAR through torchvision
     imbalance_factor: float = 100.0  # n_max / n_min of the exponential long tail; 1 = balanced
-    num_clients: int = 20
+    num_clients: int = 20  # clients the training set is split across
     alpha: float = 0.5  # Dirichlet concentration of the non-IID split
-    partition: str = "creff"
+    partition: str = "creff"  # creff (the public CReFF/CLIP2FL code's split), dirichlet (NIID-Bench style) or iid
     # 'dirichlet' partitioner: redraw until every client has this many (the default: at most the average client size)
     min_client_size: int = 10
     train_limit: int = 0  # 0 = whole training split, else only its first N images (small profiles)
@@ -141,21 +146,22 @@ class ModelConfig:
 
 @dataclass
 class FLConfig:
-    rounds: int = 200
-    clients_per_round: int = 8
-    local_epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    rounds: int = 200  # communication rounds
+    clients_per_round: int = 8  # sampled each round with the peers' RandomState(seed).choice stream
+    local_epochs: int = 10  # epochs of local SGD per client and round
+    batch_size: int = 32  # the clients' batch size
+    lr: float = 0.1  # the clients' SGD learning rate
+    momentum: float = 0.0  # the clients' SGD momentum
+    weight_decay: float = 0.0  # the clients' SGD weight decay
     eval_every: int = 1  # evaluate the global model every N rounds (and always after the last)
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500  # images per forward pass when evaluating (does not change results)
     # how a round's clients are trained: one after another, all at once (one stacked model), or auto
     # (at once on CUDA); equal results within float tolerance, so not part of the fingerprint
     client_training: str = "auto"
-    # clients trained together: replay each recurring step from a CUDA graph (auto: on CUDA), and
-    # lay out their batches channels-last (auto: on CPU, where oneDNN's grouped convolutions gain)
+    # clients trained together: replay each recurring step from a CUDA graph (auto: on CUDA)
     cuda_graphs: str = "auto"
+    # clients trained together: their batches laid out channels-last (auto: on CPU, where oneDNN's
+    # grouped convolutions gain)
     channels_last: str = "auto"
     # their grouped convolutions: torch's (cuDNN, oneDNN), or fl_core's Triton kernels (CUDA only);
     # auto: torch's
@@ -169,14 +175,14 @@ class FLConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "fedavg"
+    name: str = "fedavg"  # the method: fedavg, fedprox, creff, clip2fl or mllm_fl
     prox_mu: float = 0.01  # FedProx proximal weight ('fedprox', and 'mllm_fl' with stage2='fedprox')
     # MLLM-FL stage 1: global multimodal pretraining on the MLLM-captioned web pool
     stage1: bool = True
     dwd: bool = True  # dynamic weighted distillation from the frozen image encoder; off = plain contrastive
-    stage1_epochs: int = 10
-    stage1_batch_size: int = 256
-    stage1_lr: float = 0.05  # SGD, momentum 0.9, cosine decay
+    stage1_epochs: int = 10  # epochs over the web pool
+    stage1_batch_size: int = 256  # image-caption pairs per contrastive batch
+    stage1_lr: float = 0.05  # stage 1's learning rate (SGD, momentum 0.9, cosine decay)
     lambda0: float = 1.0  # DWD teacher weight at the first step
     lambda_schedule: str = "cosine"  # how the weight hands over to the student: cosine, linear, constant
     temperature: float = 0.07  # InfoNCE temperature; the classifier is initialised at scale 1/temperature
@@ -188,33 +194,34 @@ class MethodConfig:
     align_rounds: str = "every"  # after every aggregation, or the last only
     align_per_class: int = 100  # m images per class, by the MLLM's label (fewer where a class has fewer)
     align_select: str = "random"  # which m: a seeded random draw, or the MLLM's most confident
-    align_epochs: int = 1
-    align_lr: float = 0.01
-    align_batch_size: int = 32
+    align_epochs: int = 1  # epochs over the alignment set after each aggregation
+    align_lr: float = 0.01  # the alignment's SGD learning rate
+    align_batch_size: int = 32  # the alignment's batch size
     align_params: str = "all"  # all parameters, or the classifier only
     beta: float = 1.0  # weight of KL(q || p)
     # CReFF (also the base of CLIP2FL), defaults from the public code
     creff_num_features: int = 100  # federated features per class
     creff_match_steps: int = 100  # gradient-matching steps per round
-    creff_feature_lr: float = 0.1
+    creff_feature_lr: float = 0.1  # learning rate of the federated features
     creff_retrain_epochs: int = 300  # epochs re-training a fresh classifier on the features
-    creff_retrain_lr: float = 0.01
-    creff_retrain_batch: int = 32
+    creff_retrain_lr: float = 0.01  # learning rate of the classifier re-training
+    creff_retrain_batch: int = 32  # batch size of the classifier re-training
     creff_grad_reps: int = 10  # repetitions of the clients' per-class gradient computation
     creff_grad_batch: int = 32  # images per class and repetition
     # CLIP2FL
     clip2fl_kd_weight: float = 1.0  # weight of the client-side distillation from CLIP's zero-shot logits
-    clip2fl_temperature: float = 3.0
-    clip2fl_contrast_weight: float = 0.001  # server-side prototype-contrastive loss
-    clip2fl_contrast_temperature: float = 0.1
+    clip2fl_temperature: float = 3.0  # temperature of that distillation
+    clip2fl_contrast_weight: float = 0.001  # weight of the server-side prototype-contrastive loss
+    clip2fl_contrast_temperature: float = 0.1  # its temperature
 
 
 @dataclass
 class TeacherConfig:
     mllm: str = "simulated"  # 'simulated' (offline stand-in) or 'hf' (transformers image-text-to-text)
     mllm_model: str = "llava-hf/llava-1.5-7b-hf"  # model id or local path ('hf' backend)
-    mllm_revision: str = "main"
+    mllm_revision: str = "main"  # hub revision of mllm_model (a branch, tag or commit)
     mllm_accuracy: float = 0.9  # label accuracy of the simulated MLLM
+    # what the MLLM is asked for each pool image's caption
     caption_prompt: str = "Describe this image in one short sentence."
     clip: str = "offline"  # 'offline' (MiniLM text + EfficientNet-Lite0 image + fitted map) or 'open_clip'
     clip_model: str = "ViT-B-32"  # open_clip architecture, or the path of an open_clip model config .json
@@ -222,14 +229,14 @@ class TeacherConfig:
     image_size: int = 64  # input side of the offline image encoder (CLIP backends use their own)
     align_steps: int = 300  # steps fitting the offline image->text map on the captioned pool
     allow_download: bool = False  # let backends fetch weights from a hub (off: fail fast offline)
-    batch_size: int = 64
+    batch_size: int = 64  # images per teacher forward pass
 
 
 @dataclass
 class ExperimentConfig:
-    profile: str = "offline"
-    seed: int = 7
-    device: str = "auto"
+    profile: str = "offline"  # the overlay this config started from; not part of the fingerprint
+    seed: int = 7  # seeds the partition, client sampling, model initialisation and every client's generator
+    device: str = "auto"  # auto (CUDA when there is one), cpu or cuda
     # torch's threads on a CPU: the thread count decides how sums round, so fixing it makes results
     # independent of the machine's core count (0 = torch's default, one per core); see fl_core.parallel
     cpu_threads: int = 0
@@ -397,22 +404,49 @@ def _unknown_key(key: str, valid: list[str]) -> str:
     return f"unknown config key {key!r}{hint}; valid keys: {', '.join(valid)}"
 
 
+def key_choices() -> dict[str, tuple]:
+    """The keys that take one of a few values, and those values (read when called, so that a method
+    registered later counts)."""
+    return {
+        "profile": tuple(PROFILES), "device": DEVICES, "data.dataset": (*DATASETS, IMAGE_FOLDER),
+        "data.partition": PARTITIONS, "data.augment_per": AUGMENT_PER, "model.arch": ARCHS, "method.name": METHODS,
+        "fl.client_training": CLIENT_TRAINING, "fl.cuda_graphs": SWITCHES, "fl.channels_last": SWITCHES,
+        "fl.grouped_conv": GROUPED_CONV, "fl.compile": SWITCHES, "fl.precision": PRECISIONS,
+        "method.lambda_schedule": LAMBDA_SCHEDULES, "method.stage2": ("fedavg", "fedprox"),
+        "method.align_rounds": ALIGN_ROUNDS, "method.align_select": ALIGN_SELECT, "method.align_params": ALIGN_PARAMS,
+        "teacher.mllm": MLLM_BACKENDS, "teacher.clip": CLIP_BACKENDS,
+    }
+
+
+def key_notes() -> dict[str, str]:
+    """What each key means, from the comment beside its field in this module's dataclasses, else the
+    comment lines right above it: ``{"data.alpha": "Dirichlet concentration of the non-IID split", ...}``."""
+    sections = {"": ExperimentConfig, **{f"{name}.": hint for name, hint in typing.get_type_hints(ExperimentConfig).items()
+                                        if dataclasses.is_dataclass(hint)}}
+    notes = {}
+    for prefix, cls in sections.items():
+        source = textwrap.dedent(inspect.getsource(cls))
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        code_lines = {n for n, line in enumerate(source.splitlines(), 1) if not line.lstrip().startswith("#")}
+        for node in ast.parse(source).body[0].body:
+            if not isinstance(node, ast.AnnAssign) or f"{node.target.id}." in sections:
+                continue
+            text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            first = node.lineno
+            while not text and first - 1 in comments and first - 1 not in code_lines:
+                first -= 1
+            notes[prefix + node.target.id] = " ".join(text or [comments[n] for n in range(first, node.lineno)])
+    return notes
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Raise ``ValueError`` for the first setting that cannot work, saying what is valid."""
     d, m, f = cfg.data, cfg.model, cfg.fl
-    _choice("data.dataset", d.dataset, (*DATASETS, IMAGE_FOLDER))
-    _choice("data.partition", d.partition, PARTITIONS)
-    _choice("data.augment_per", d.augment_per, AUGMENT_PER)
-    _choice("method.name", cfg.method.name, METHODS)
-    _choice("model.arch", m.arch, ARCHS)
-    _choice("device", cfg.device, DEVICES)
+    flat = cfg.flat()
+    for key, valid in key_choices().items():
+        _choice(key, flat[key], valid)
     _at_least("cpu_threads", cfg.cpu_threads, 0, "0 means torch's default, one thread per core")
-    _choice("fl.client_training", cfg.fl.client_training, CLIENT_TRAINING)
-    _choice("fl.cuda_graphs", cfg.fl.cuda_graphs, SWITCHES)
-    _choice("fl.channels_last", cfg.fl.channels_last, SWITCHES)
-    _choice("fl.grouped_conv", cfg.fl.grouped_conv, GROUPED_CONV)
-    _choice("fl.compile", cfg.fl.compile, SWITCHES)
-    _choice("fl.precision", cfg.fl.precision, PRECISIONS)
     if cfg.fl.cuda_graphs == "on" and cfg.device == "cpu":
         raise ValueError("fl.cuda_graphs=on needs a CUDA device, but device=cpu; use fl.cuda_graphs=auto or off")
     if cfg.fl.grouped_conv == "triton" and cfg.device == "cpu":
@@ -420,7 +454,6 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.fl.compile == "on" and cfg.fl.client_training == "sequential":
         raise ValueError("fl.compile=on compiles the step of clients trained together, but fl.client_training="
                          "sequential; use fl.client_training=vectorized (or auto on CUDA), or fl.compile=auto or off")
-    _choice("profile", cfg.profile, PROFILES)
     if not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed={cfg.seed} is invalid: it must be in 0..{2**32 - 1} (numpy's RandomState takes 32-bit seeds)")
     _at_least("data.imbalance_factor", d.imbalance_factor, 1, "1 means balanced")
@@ -454,11 +487,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _at_least("fl.weight_decay", f.weight_decay, 0)
     mc = cfg.method
     _at_least("method.prox_mu", mc.prox_mu, 0)
-    _choice("method.lambda_schedule", mc.lambda_schedule, LAMBDA_SCHEDULES)
-    _choice("method.stage2", mc.stage2, ("fedavg", "fedprox"))
-    _choice("method.align_rounds", mc.align_rounds, ALIGN_ROUNDS)
-    _choice("method.align_select", mc.align_select, ALIGN_SELECT)
-    _choice("method.align_params", mc.align_params, ALIGN_PARAMS)
     for name in ("stage1_epochs", "stage1_batch_size", "align_per_class", "align_epochs", "align_batch_size",
                  "creff_num_features", "creff_retrain_batch", "creff_grad_reps", "creff_grad_batch"):
         _at_least(f"method.{name}", getattr(mc, name), 1)
@@ -479,8 +507,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _at_least("method.gamma", mc.gamma, 0)
     _at_least("method.beta", mc.beta, 0)
     t = cfg.teacher
-    _choice("teacher.mllm", t.mllm, MLLM_BACKENDS)
-    _choice("teacher.clip", t.clip, CLIP_BACKENDS)
     if not 0 <= t.mllm_accuracy <= 1:
         raise ValueError(f"teacher.mllm_accuracy={t.mllm_accuracy!r} is invalid: it must lie in [0, 1]")
     if t.mllm != "simulated" and t.mllm_accuracy != TeacherConfig.mllm_accuracy:

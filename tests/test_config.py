@@ -1,6 +1,7 @@
 import pytest
 
-from fl_core.config import PROFILES, apply_overrides, config_from_dict, data_content, make_config, parse_set_args
+from fl_core.config import (PROFILES, apply_overrides, config_from_dict, data_content, key_notes, make_config,
+                            parse_set_args)
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -127,3 +128,10 @@ def test_a_backend_only_setting_is_taken_with_its_backend():
     cfg = make_config("smoke", {"teacher.mllm": "hf", "teacher.mllm_model": "/models/llava", "teacher.clip": "open_clip",
                                 "teacher.clip_pretrained": "/models/clip.bin"})
     assert (cfg.teacher.mllm_model, cfg.teacher.clip_pretrained) == ("/models/llava", "/models/clip.bin")
+
+
+def test_every_key_says_what_it_means():
+    notes = key_notes()
+    assert [key for key in make_config().flat() if not notes.get(key)] == []  # a new field needs its comment
+    assert notes["data.alpha"] == "Dirichlet concentration of the non-IID split"  # the comment beside the field
+    assert notes["fl.cuda_graphs"].startswith("clients trained together: replay")  # the comment above it
