@@ -5,7 +5,8 @@ federated experiment; ``python -m fl_core compare --profile P [--methods M ...] 
 [--set ...] [--sweep KEY=V1,V2,...] [--markdown]`` runs methods x seeds (x the swept values; finished
 runs reused, the rest one per core) and prints their results table; ``python -m fl_core annotate
 --profile P [--set ...]`` annotates the web pool with the MLLM and scores the CLIP-role encoder
-zero-shot, twice (the second from the cache).
+zero-shot, twice (the second from the cache); ``python -m fl_core config --profile P [--method M]
+[--set ...]`` prints the config a run would use, key by key, and where its run is.
 The last line on stdout is always one JSON object.
 """
 
@@ -23,16 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fl_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str, set_example: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, set_example: str, progress: bool = True) -> argparse.ArgumentParser:
         one = sub.add_parser(name, help=help)
         one.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
         one.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help=f"config override, e.g. {set_example} (repeatable)")
-        one.add_argument("--no-progress", action="store_true", help="no progress bars")
+                         help=f"config override, e.g. {set_example} (repeatable; `config` lists the keys)")
+        if progress:
+            one.add_argument("--no-progress", action="store_true", help="no progress bars")
         return one
 
+    def method_option(one: argparse.ArgumentParser) -> None:
+        one.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the profile's)")
+
     run = command("run", "run (or resume, or reuse) one federated experiment", "--set fl.rounds=5 --set data.alpha=0.1")
-    run.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the profile's)")
+    method_option(run)
     run.add_argument("--run-dir", default=None, help="run directory (default: $FL_CORE_RUNS or ./runs, by config hash)")
     compare = command("compare", "run methods x seeds (finished runs reused) and print their results table",
                       "--set data.imbalance_factor=50")
@@ -46,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     command("annotate", "annotate the web pool with the MLLM (cached) and report its accuracy",
             "--set teacher.mllm_accuracy=0.7")
+    method_option(command("config", "print every config key of a run: its value, where it was set, what it means; "
+                                    "and the run's directory", "--set fl.rounds=5", progress=False))
     return parser
 
 
@@ -63,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.data import DataNotFoundError
     from fl_core.teachers import TeacherUnavailableError
 
+    if args.command == "config":
+        try:
+            return config_command(cfg, overrides)
+        except BrokenPipeError:  # piped into `head`: what it wanted is printed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     try:
         check_folders(args)
         if args.command == "annotate":
@@ -105,6 +118,37 @@ def run_command(cfg, run_dir, progress: bool) -> int:
     print("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                                 if k in ("top1", "many", "medium", "few", "head", "middle", "tail")))
     print(json.dumps(summary))
+    return 0
+
+
+def config_command(cfg, overrides: dict) -> int:
+    """Every key as ``key=value`` (the form ``--set`` takes), whether the profile or ``--set`` gave it,
+    what it means and its valid values; then the run's directory and how far its run is."""
+    from fl_core.config import ExperimentConfig, key_choices, key_notes
+    from fl_core.experiment import default_run_dir
+    from fl_core.results import RECORD_NAME, load_record
+
+    values = {key: json.dumps(v) if isinstance(v, bool) else str(v) for key, v in cfg.flat().items()}
+    defaults, profile = ExperimentConfig().flat(), make_config(cfg.profile).flat()
+    notes, choices = key_notes(), key_choices()
+    width = min(max(len(key) + len(value) for key, value in values.items()) + 1, 44)
+    for key, value in values.items():
+        origin = "--set" if key in overrides else "profile" if profile[key] != defaults[key] else ""
+        note = notes[key] + (f" (one of: {', '.join(choices[key])})" if key in choices else "")
+        print(f"{key}={value}".ljust(width), origin.ljust(7), f"# {note}")
+    run_dir = default_run_dir(cfg)
+    record = load_record(run_dir) if (run_dir / RECORD_NAME).is_file() else None
+    done = len(record["rounds"]) if record else 0
+    if record is None:
+        state = "not run yet"
+    elif record["status"] == "complete":
+        state = f"finished ({done} rounds, top-1 {100 * record['final']['top1']:.1f}%): `run` reuses it"
+    else:
+        state = f"{done} of {cfg.fl.rounds} rounds done: `run` resumes it (unless it is running now)"
+    print(f"run directory: {run_dir} ({state})")
+    print(json.dumps({"profile": cfg.profile, "method": cfg.method.name, "fingerprint": cfg.fingerprint(),
+                      "run_dir": str(run_dir), "status": record["status"] if record else None, "rounds_done": done,
+                      "overrides": sorted(overrides), "config": cfg.flat()}))
     return 0
 
 

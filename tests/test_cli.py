@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,3 +151,33 @@ def test_compare_rejects_bad_input_before_any_run(args, message, tmp_path, monke
     done = cli("compare", "--profile", "smoke", *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_config_prints_each_key_where_it_was_set_what_it_means_and_the_run(tmp_path, monkeypatch, capsys):
+    from fl_core.cli import main
+    from fl_core.config import make_config
+    from fl_core.experiment import run_experiment
+
+    monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path))
+    overrides = {**TINY, "data.alpha": 0.1}
+    args = ["config", "--profile", "smoke", "--method", "creff", *(f"--set={k}={v}" for k, v in overrides.items())]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    cfg = make_config("smoke", {**overrides, "method.name": "creff"})
+    assert summary["config"] == cfg.flat() and summary["fingerprint"] == cfg.fingerprint() and summary["status"] is None
+    assert lines[-2] == f"run directory: {tmp_path / f'creff-{cfg.fingerprint()}'} (not run yet)"
+    by_key = {line.split("=", 1)[0]: line for line in lines[:-2]}
+    assert list(by_key) == list(cfg.flat())
+    assert re.fullmatch(r"data\.alpha=0\.1 +--set +# Dirichlet concentration of the non-IID split", by_key["data.alpha"])
+    assert re.fullmatch(r"cpu_threads=1 +profile +# torch's threads .*", by_key["cpu_threads"])
+    assert re.fullmatch(r"fl\.lr=0\.1 +# the clients' SGD learning rate", by_key["fl.lr"])  # the default
+    assert by_key["method.align_rounds"].endswith("the last only (one of: every, last)")  # and its valid values
+    assert by_key["data.augment"].startswith("data.augment=true ")  # as --set takes it
+
+    run_experiment(cfg, progress=False)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["status"] == "complete"
+    assert re.fullmatch(r"run directory: .* \(finished \(2 rounds, top-1 \d+\.\d%\): `run` reuses it\)", lines[-2])
