@@ -430,8 +430,8 @@ def key_notes() -> dict[str, str]:
                     for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
         code_lines = {n for n, line in enumerate(source.splitlines(), 1) if not line.lstrip().startswith("#")}
         for node in ast.parse(source).body[0].body:
-            if not isinstance(node, ast.AnnAssign) or f"{node.target.id}." in sections:
-                continue
+            if not isinstance(node, ast.AnnAssign) or (not prefix and f"{node.target.id}." in sections):
+                continue  # not a field, or a section's
             text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
             first = node.lineno
             while not text and first - 1 in comments and first - 1 not in code_lines:
