@@ -12,7 +12,7 @@ import seaborn as sns
 
 from fl_core.config import config_from_dict
 from fl_core.data.federated import FederatedData
-from fl_core.metrics import GROUP_NAMES
+from fl_core.metrics import GROUP_NAMES, group_accuracy, per_class_accuracy
 
 GROUP_LABELS = {"many": "many (>{many})", "medium": "medium ({few}-{many})", "few": "few (<{few})"}
 METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
@@ -415,12 +415,14 @@ ARCH_NAMES = {"resnet8": "ResNet-8", "resnet8_clip2fl": "ResNet-8 + linear layer
 def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
     """Zero-shot accuracy (%) of the frozen CLIP-role encoder and of the student after stage 1."""
     names = record["data"]["class_names"]
-    teacher_logits = server.encoder.zero_shot_logits(test_split.images, names)
-    teacher_top1 = float((teacher_logits.argmax(1) == test_split.labels.cpu()).float().mean())
+    predictions = server.encoder.zero_shot_logits(test_split.images, names).argmax(1)
+    labels = test_split.labels.cpu()
+    groups = {name: np.asarray(classes, dtype=int) for name, classes in record["data"]["groups"].items()}
+    teacher = {"top1": float((predictions == labels).float().mean()),
+               **group_accuracy(per_class_accuracy(predictions, labels, len(names)), groups)}
     student = record["method"]["pretraining"]["zero_shot"]
     label = "offline encoder (not CLIP)" if server.encoder.name.startswith("offline") else server.encoder.name
-    rows = {f"teacher: {label}": {"top1": round(100 * teacher_top1, 1), **{g: "" for g in GROUP_NAMES}},
-            f"student after stage 1 ({ARCH_NAMES.get(record['arch'], record['arch'])})": {
-                "top1": round(100 * student["top1"], 1),
-                **{g: "n/a" if student[g] is None else round(100 * student[g], 1) for g in GROUP_NAMES}}}
-    return pd.DataFrame.from_dict(rows, orient="index")
+    rows = {f"teacher: {label}": teacher, f"student after stage 1 ({ARCH_NAMES.get(record['arch'], record['arch'])})": student}
+    return pd.DataFrame.from_dict({row: {k: "n/a" if accuracies[k] is None else round(100 * accuracies[k], 1)
+                                         for k in ("top1", *GROUP_NAMES)} for row, accuracies in rows.items()},
+                                  orient="index")

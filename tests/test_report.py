@@ -141,3 +141,22 @@ def test_provenance_of_names_the_teachers_the_numbers_came_from():
     assert "; 1 run; " in alone and "teachers" not in alone  # no teacher, nothing to name
     real = run({"method.name": "mllm_fl", "teacher.mllm": "hf", "teacher.clip": "open_clip"})
     assert "; teachers: llava-hf/llava-1.5-7b-hf, ViT-B-32 (openai); " in report.provenance_of([real])
+
+
+def test_zero_shot_table_scores_the_teacher_per_group_as_the_student():
+    from types import SimpleNamespace
+
+    import torch
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 0, 1, 0, 0, 2])  # class 0: 2/2, class 1: 1/2, class 2: 1/2
+    encoder = SimpleNamespace(name="offline",
+                              zero_shot_logits=lambda images, names: torch.nn.functional.one_hot(predicted, 3).float())
+    groups = {"many": [0], "medium": [1, 2], "few": [], "head": [0], "middle": [1], "tail": [2]}
+    student = {"top1": 0.5, "many": 0.9, "medium": 0.3, "few": None, "head": 0.9, "middle": 0.2, "tail": 0.4,
+               "per_class": [0.9, 0.2, 0.4]}
+    record = {"data": {"class_names": ["a", "b", "c"], "groups": groups}, "arch": "resnet8",
+              "method": {"pretraining": {"zero_shot": student}}}
+    table = report.zero_shot_table(SimpleNamespace(encoder=encoder), record, SimpleNamespace(images=None, labels=labels))
+    assert table.loc["teacher: offline encoder (not CLIP)"].tolist() == [66.7, 100.0, 50.0, "n/a", 100.0, 50.0, 50.0]
+    assert table.loc["student after stage 1 (ResNet-8)"].tolist() == [50.0, 90.0, 30.0, "n/a", 90.0, 20.0, 40.0]
