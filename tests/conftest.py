@@ -28,6 +28,10 @@ TINY = {
 }
 
 
+class Interrupted(Exception):
+    """Raised from inside a run by a test, to stop it as a crash would."""
+
+
 def stable(record: dict) -> dict:
     """A record without what legitimately differs between runs (timings, paths)."""
     record = json.loads(json.dumps(record))

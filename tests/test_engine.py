@@ -16,7 +16,7 @@ from fl_core.metrics import group_accuracy, per_class_accuracy, predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
-from conftest import stable, start_tiny_run, wait_for_file
+from conftest import Interrupted, stable, start_tiny_run, wait_for_file
 
 
 def test_weighted_average_is_sample_weighted():
@@ -154,10 +154,6 @@ def test_fedprox_runs_and_differs_from_fedavg(tiny_config):
     fedprox = run_experiment(tiny_config(method__name="fedprox", method__prox_mu=1.0), progress=False)
     assert fedprox["method"] == {"name": "fedprox", "prox_mu": 1.0}
     assert fedprox["rounds"][-1]["train_loss"] != fedavg["rounds"][-1]["train_loss"]
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.mark.slow

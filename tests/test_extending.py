@@ -13,7 +13,7 @@ from fl_core.fl import weighted_average
 from fl_core.methods import Method
 from fl_core.results import CHECKPOINT_NAME
 
-from conftest import stable
+from conftest import Interrupted, stable
 
 
 class FedAvgM(Method):
@@ -45,10 +45,6 @@ class FedAvgM(Method):
 
     def describe(self):
         return {"name": self.name, "server_lr": self.lr, "server_momentum": self.momentum}
-
-
-class Interrupted(Exception):
-    pass
 
 
 @pytest.fixture
