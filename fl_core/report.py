@@ -415,7 +415,7 @@ ARCH_NAMES = {"resnet8": "ResNet-8", "resnet8_clip2fl": "ResNet-8 + linear layer
 def zero_shot_table(server, record: dict, test_split) -> pd.DataFrame:
     """Zero-shot accuracy (%) of the frozen CLIP-role encoder and of the student after stage 1."""
     names = record["data"]["class_names"]
-    predictions = server.encoder.zero_shot_logits(test_split.images, names).argmax(1)
+    predictions = server.encoder.zero_shot_logits(test_split.images, names).argmax(1).cpu()  # a GPU encoder's too
     labels = test_split.labels.cpu()
     groups = {name: np.asarray(classes, dtype=int) for name, classes in record["data"]["groups"].items()}
     teacher = {"top1": float((predictions == labels).float().mean()),
