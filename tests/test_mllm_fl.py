@@ -13,6 +13,8 @@ from fl_core.methods.pretrain import dwd_loss, dwd_weight, fold_projection, mult
 from fl_core.data import ImagePipeline
 from fl_core.models import ResNet8
 
+from conftest import MLLM_TINY
+
 
 def test_dwd_weight_hands_over_from_teacher_to_student():
     total = 101
@@ -116,16 +118,6 @@ def test_stage1_fingerprint_ignores_the_federation():
     assert stage1_fingerprint(cifar) == "36cce5d41044ed70"
     assert stage1_fingerprint(cifar) != stage1_fingerprint(make_config("paper-cifar10", {"method.name": "mllm_fl",
                                                                                     "data.imbalance_factor": 10}))
-
-
-@pytest.fixture
-def teacher_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_CORE_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-MLLM_TINY = {"method.name": "mllm_fl", "data.web_pool_limit": 400, "teacher.align_steps": 30, "method.stage1_epochs": 2,
-             "method.align_per_class": 10}
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Clients trained together (one stacked model) equal clients trained one after another."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from fl_core.methods.clip2fl import kd_loss
 from fl_core.models import ResNet8, build_model
 from fl_core.results import CHECKPOINT_NAME
 
+from conftest import NEEDS_CUDA, TEST_DEVICE
+
 
 def clients_of_sizes(sizes):
     g = torch.Generator().manual_seed(0)
@@ -25,9 +26,7 @@ def clients_of_sizes(sizes):
             for n in sizes]
 
 
-TEST_DEVICE = os.environ.get("FL_CORE_TEST_DEVICE", "cpu")  # =cuda: on a GPU (benchmarks/device_check.sh)
 # how the stacked loop executes: none of it may change the arithmetic
-NEEDS_CUDA = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs CUDA")
 EXECUTIONS = [pytest.param({"channels_last": False}, id="contiguous"),
               pytest.param({"channels_last": True}, id="channels_last"),
               pytest.param({"cuda_graphs": True}, id="graphs", marks=NEEDS_CUDA),

@@ -136,7 +136,7 @@ class Engine:
 
     def start(self) -> None:
         """Resume from the run directory's checkpoint, or do the method's setup for a fresh run."""
-        checkpoint = load_checkpoint(self.run_dir, self.cfg)
+        checkpoint = load_checkpoint(self.run_dir, self.cfg, self.device)
         if checkpoint is None:
             self._rounds, self._resumed, self._elapsed, self._last_metrics = [], [], 0.0, None
             self._started_at = _now()
@@ -230,12 +230,13 @@ class Engine:
         }
 
 
-def load_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> dict | None:
-    """The checkpoint in ``run_dir`` if there is one; an error if it belongs to another config."""
+def load_checkpoint(run_dir: Path, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> dict | None:
+    """The checkpoint in ``run_dir`` if there is one, its tensors on ``device`` (the method's state is
+    used as loaded, e.g. CReFF's features and classifier); an error if it belongs to another config."""
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
     check_same_config(run_dir, checkpoint["fingerprint"], checkpoint["config"], cfg)
     return checkpoint
 

@@ -1,0 +1,63 @@
+"""Every method resumes an interrupted run to the record an uninterrupted run writes, on the test
+device (``FL_CORE_TEST_DEVICE``; benchmarks/device_check.sh runs these on a GPU): the method's own
+state (CReFF's federated features and re-trained classifier, MLLM-FL's stage-1 facts) comes back
+from the checkpoint where the run computes."""
+
+import pytest
+import torch
+
+from fl_core.experiment import run_experiment
+from fl_core.fl.engine import Engine, load_checkpoint
+from fl_core.results import load_record
+
+from conftest import MLLM_TINY, TEST_DEVICE, TINY_BASELINE, Interrupted, stable
+
+SETTINGS = {"fedavg": {}, "fedprox": {}, "creff": TINY_BASELINE, "clip2fl": TINY_BASELINE, "mllm_fl": MLLM_TINY}
+
+
+def without_cache_flags(record: dict) -> dict:
+    """``stable(record)`` less the flags that say whether stage 1 and the encoder's fit were found in
+    the cache: the run computed first finds nothing there, the second everything."""
+    record = stable(record)
+    method = record["method"]
+    method.get("pretraining", {}).pop("cached", None)
+    method.get("teachers", {}).get("encoder_fit", {}).pop("cached", None)
+    return record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", SETTINGS)
+def test_every_method_resumes_an_interrupted_run_to_the_same_record(method, tiny_config, teacher_cache, tmp_path,
+                                                                    monkeypatch):
+    settings = {**SETTINGS[method], "method.name": method, "fl.rounds": 3, "device": TEST_DEVICE}
+    cfg = tiny_config(**{k.replace(".", "__"): v for k, v in settings.items()})
+    complete_round = Engine.complete_round
+
+    def crash_in_round_2(self, round_idx, *args, **kwargs):
+        if round_idx == 2:
+            raise Interrupted  # the clients of round 2 have trained; the server has done nothing with them
+        return complete_round(self, round_idx, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "complete_round", crash_in_round_2)
+        with pytest.raises(Interrupted):
+            run_experiment(cfg, tmp_path / "run", progress=False)
+    partial = load_record(tmp_path / "run")
+    assert partial["status"] == "running" and len(partial["rounds"]) == 1
+    resumed = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert resumed["timing"]["resumed_after_rounds"] == [1]
+    reference = run_experiment(cfg, tmp_path / "reference", progress=False)
+    assert without_cache_flags(resumed) == without_cache_flags(reference)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_loads_onto_the_runs_device(tiny_config, teacher_cache, tmp_path):
+    """Model and method state alike: a run on a GPU resumes with its state on the GPU, whatever
+    device wrote the checkpoint (here the ``meta`` device stands in for another one)."""
+    settings = {**TINY_BASELINE, "method.name": "creff", "fl.rounds": 1}
+    cfg = tiny_config(**{k.replace(".", "__"): v for k, v in settings.items()})
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run", cfg, torch.device("meta"))
+    weight, bias = checkpoint["method"]["classifier"]
+    tensors = [*checkpoint["model"].values(), checkpoint["method"]["features"], weight, bias]
+    assert {t.device.type for t in tensors} == {"meta"}
