@@ -16,7 +16,7 @@ from fl_core.config import make_config
 from fl_core.experiment import run_experiment
 from fl_core.results import CHECKPOINT_NAME, load_record
 
-from conftest import TINY
+from conftest import TINY, Interrupted
 
 flwr = pytest.importorskip("flwr")
 
@@ -166,3 +166,36 @@ def test_a_supernode_killed_mid_run_is_recorded_as_failed_and_the_run_completes(
     later = rounds[-1]
     assert 2 not in later["clients"] and "2" in later["failed_clients"]
     assert sorted(later["clients"]) == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_flower_run_whose_server_stopped_resumes_to_the_in_process_record(tiny_config, tmp_path, monkeypatch):
+    """The ServerApp started again on the same run directory goes on from the last checkpoint:
+    CReFF's federated features and re-trained classifier come back from it and go out again."""
+    from flwr.simulation import run_simulation
+
+    from fl_core.fl.engine import Engine
+    from fl_core.flower import make_client_app, make_server_app
+
+    cfg = tiny_config(method__name="creff", fl__rounds=3)
+    reference = run_experiment(cfg, tmp_path / "in-process", progress=False)
+    complete_round = Engine.complete_round
+
+    def stop_in_round_2(self, round_idx, *args, **kwargs):
+        if round_idx == 2:
+            raise Interrupted  # the server dies after round 2's clients replied
+        return complete_round(self, round_idx, *args, **kwargs)
+
+    def simulate():
+        run_simulation(make_server_app(cfg, tmp_path / "flower"), make_client_app(), num_supernodes=cfg.data.num_clients,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "complete_round", stop_in_round_2)
+        with pytest.raises(Interrupted):  # run_simulation raises what stopped the ServerApp
+            simulate()
+    partial = load_record(tmp_path / "flower" / "record.json")
+    assert partial["status"] == "running" and len(partial["rounds"]) == 1
+    simulate()
+    record = assert_same_run(tmp_path / "flower", tmp_path / "in-process", reference)
+    assert record["timing"]["resumed_after_rounds"] == [1]
