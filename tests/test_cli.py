@@ -55,9 +55,10 @@ def test_bad_input_fails_at_once_with_a_clear_message(args, message):
 
 
 def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
-    # its own process group, which Ctrl-C signals as a whole
+    # its own process group, which Ctrl-C signals as a whole; SIGINT handled as in a terminal even where
+    # the tests themselves run with it ignored (a background job of a non-interactive shell)
     _, proc = start_tiny_run(tmp_path / "run", 50, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     record = tmp_path / "run" / "record.json"
     wait_for_file(record, proc)
     os.killpg(proc.pid, signal.SIGINT)
