@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +58,29 @@ def save_torch(path: Path | str, obj) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class DamagedFileError(ValueError):
+    """A file that fl_core writes (run record, checkpoint, cached result) could not be read back."""
+
+
+def damaged(path: Path | str, err: Exception, what: str, remedy: str) -> DamagedFileError:
+    """The error for ``path``, which ``err`` kept from being read as ``what``, saying what to do."""
+    return DamagedFileError(f"{path} cannot be read as {what} ({type(err).__name__}: {err}): it was damaged or not "
+                            f"written by fl_core; {remedy}")
+
+
+def load_cached(path: Path | str, what: str, load=None):
+    """A result cached at ``path`` as ``load(path)`` reads it (default: ``torch.load`` to the CPU), or
+    ``None`` where there is none or it cannot be read (then with a warning: the caller computes it
+    again and overwrites it)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return load(path) if load is not None else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # whatever the reader raises for a damaged file
+        warnings.warn(str(damaged(path, err, what, "computing it again")), stacklevel=2)
+        return None
+
+
 @contextmanager
 def computed_once(path: Path | str):
     """Hold a lock beside ``path`` for the block, in which the caller reads ``path`` if it exists
@@ -78,12 +102,20 @@ def computed_once(path: Path | str):
 
 
 def load_record(path: Path | str) -> dict:
-    """A run record from its file or its run directory."""
+    """A run record from its file or its run directory (``DamagedFileError`` if it cannot be read as one)."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
-    with open(path) as fh:
-        return json.load(fh)
+    remedy = (f"delete it, and the run is restored from the {CHECKPOINT_NAME} beside it"
+              if (path.parent / CHECKPOINT_NAME).is_file() else f"delete its run directory {path.parent} to compute the run again")
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise damaged(path, err, "a run record", remedy) from err
+    if not isinstance(record, dict) or not {"status", "fingerprint", "config"} <= set(record):
+        raise damaged(path, ValueError("no status, fingerprint or config"), "a run record", remedy)
+    return record
 
 
 def find_records(root: Path | str, complete_only: bool = True) -> list[dict]:

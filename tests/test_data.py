@@ -31,10 +31,18 @@ def test_mnist_decoded_once_per_machine_reads_back_the_same_bytes(tmp_path, monk
     assert len(list((tmp_path / "datasets").glob("mnist-*.npz"))) == 1
     datasets._mnist_splits.cache_clear()
     loaded = datasets._mnist_splits()
+    # a damaged copy (a copy of the cache cut short) is decoded again, with a warning naming it
+    cached = next((tmp_path / "datasets").glob("mnist-*.npz"))
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
     datasets._mnist_splits.cache_clear()
-    for (images, labels), (images_again, labels_again) in zip(decoded, loaded):
-        assert images_again.dtype == np.uint8 and labels_again.dtype == np.int64
-        assert np.array_equal(images, images_again) and np.array_equal(labels, labels_again)
+    with pytest.warns(UserWarning, match=f"{cached} cannot be read as decoded MNIST .*computing it again"):
+        redecoded = datasets._mnist_splits()
+    datasets._mnist_splits.cache_clear()
+    for again in (loaded, redecoded, datasets._mnist_splits()):  # the last one from the rewritten cache
+        for (images, labels), (images_again, labels_again) in zip(decoded, again):
+            assert images_again.dtype == np.uint8 and labels_again.dtype == np.int64
+            assert np.array_equal(images, images_again) and np.array_equal(labels, labels_again)
+    datasets._mnist_splits.cache_clear()
 
 
 def test_limits_take_the_head_of_train_and_a_stratified_test(mnist):

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from fl_core.config import make_config
 from fl_core.experiment import run_experiment
 from fl_core.methods.align import align_model, alignment_loss, build_alignment_set
-from fl_core.methods.mllm_fl import stage1_fingerprint
+from fl_core.methods.mllm_fl import stage1_cache_path, stage1_fingerprint
 from fl_core.methods.pretrain import dwd_loss, dwd_weight, fold_projection, multi_positive_info_nce
 from fl_core.data import ImagePipeline
 from fl_core.models import ResNet8
 
-from conftest import MLLM_TINY
+from conftest import MLLM_TINY, stable
 
 
 def test_dwd_weight_hands_over_from_teacher_to_student():
@@ -155,3 +155,20 @@ def test_every_switch_runs(tiny_config, teacher_cache, switch):
         assert aligned == [False, True]
     if "method.dwd" in switch:
         assert method["pretraining"]["curves"]["lambda"] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_a_damaged_stage1_or_encoder_fit_in_the_cache_is_computed_again(tiny_config, teacher_cache, tmp_path):
+    cfg = tiny_config(fl__rounds=1, **{k.replace(".", "__"): v for k, v in MLLM_TINY.items()})
+    first = run_experiment(cfg, tmp_path / "first", progress=False)
+    damaged = [stage1_cache_path(cfg), *(teacher_cache / "projections").glob("*.pt")]
+    assert len(damaged) == 2
+    for path in damaged:  # cut short, as a copy that broke off
+        path.write_bytes(path.read_bytes()[:500])
+    with pytest.warns(UserWarning) as warned:
+        again = run_experiment(cfg, tmp_path / "again", progress=False)
+    messages = " ".join(str(w.message) for w in warned)
+    for path, what in zip(damaged, ("a cached stage 1", "a cached encoder fit")):
+        assert f"{path} cannot be read as {what}" in messages
+    assert again["method"]["pretraining"]["cached"] is False
+    assert stable(again) == stable(first)

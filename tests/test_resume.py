@@ -8,7 +8,7 @@ import torch
 
 from fl_core.experiment import run_experiment
 from fl_core.fl.engine import Engine, load_checkpoint
-from fl_core.results import load_record
+from fl_core.results import CHECKPOINT_NAME, DamagedFileError, load_record
 
 from conftest import MLLM_TINY, TEST_DEVICE, TINY_BASELINE, Interrupted, stable
 
@@ -61,3 +61,29 @@ def test_a_checkpoint_loads_onto_the_runs_device(tiny_config, teacher_cache, tmp
     weight, bias = checkpoint["method"]["classifier"]
     tensors = [*checkpoint["model"].values(), checkpoint["method"]["features"], weight, bias]
     assert {t.device.type for t in tensors} == {"meta"}
+
+
+@pytest.mark.slow
+def test_damaged_run_files_are_named_with_what_to_do(tiny_config, tmp_path):
+    """A record or checkpoint cut short (a copy that broke off) stops the run with one message naming
+    the file; a damaged record beside a good checkpoint is restored from the checkpoint."""
+    cfg = tiny_config(fl__rounds=1)
+    run_dir = tmp_path / "run"
+    reference = run_experiment(cfg, run_dir, progress=False)
+    record, checkpoint = run_dir / "record.json", run_dir / CHECKPOINT_NAME
+    record.write_text(record.read_text()[:100])
+    with pytest.raises(DamagedFileError, match=f"{record} cannot be read as a run record .*restored from the "
+                                               f"{CHECKPOINT_NAME} beside it"):
+        run_experiment(cfg, run_dir, progress=False)
+    record.unlink()
+    restored = run_experiment(cfg, run_dir, progress=False)
+    assert stable(restored) == stable(reference)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    record.unlink()  # else the finished record is reused without reading the checkpoint
+    with pytest.raises(DamagedFileError, match=f"{checkpoint} cannot be read as a run's checkpoint .*delete it"):
+        run_experiment(cfg, run_dir, progress=False)
+    other = tmp_path / "other"  # JSON, but not a record, and no checkpoint to restore it from
+    other.mkdir()
+    (other / "record.json").write_text("{}")
+    with pytest.raises(DamagedFileError, match=f"no status, fingerprint or config.*delete its run directory {other}"):
+        run_experiment(cfg, other, progress=False)

@@ -23,7 +23,7 @@ import torch
 
 from fl_core.config import DATASETS, DataConfig
 from fl_core.data.folders import image_folder_classes, image_folder_signature
-from fl_core.results import atomic_write
+from fl_core.results import atomic_write, load_cached
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -128,9 +128,9 @@ def _mnist_splits() -> tuple:
         with importlib.resources.as_file(resource) as path:
             stat = path.stat()
             decoded = cache_root() / "datasets" / f"mnist-{stat.st_size}-{stat.st_mtime_ns}.npz"
-            if decoded.is_file():
-                with np.load(decoded) as arrays:
-                    return tuple((arrays[f"images{k}"], arrays[f"labels{k}"]) for k in range(3))
+            cached = load_cached(decoded, "decoded MNIST", _read_splits)
+            if cached is not None:
+                return cached
             with gzip.open(path, "rb") as fh:
                 splits = pickle.load(fh, encoding="latin1")
     except (ModuleNotFoundError, FileNotFoundError) as err:
@@ -148,6 +148,11 @@ def _mnist_splits() -> tuple:
 
     atomic_write(decoded, write)
     return splits
+
+
+def _read_splits(path: Path) -> tuple:
+    with np.load(path) as arrays:
+        return tuple((arrays[f"images{k}"], arrays[f"labels{k}"]) for k in range(3))
 
 
 def _load_cifar(cfg: DataConfig, name: str) -> Dataset:
@@ -254,8 +259,9 @@ def _decoded(paths: list[Path], size: int, cache: Path, name: str) -> np.ndarray
     from PIL import Image
     from tqdm import tqdm
 
-    if cache.is_file():
-        return np.load(cache)
+    cached = load_cached(cache, f"decoded {name} images", np.load)
+    if cached is not None:
+        return cached
 
     def decode(path: Path) -> np.ndarray:
         with Image.open(path) as im:

@@ -27,8 +27,8 @@ from fl_core.data.federated import FederatedData
 from fl_core.fl.sampling import client_generator, client_schedule
 from fl_core.metrics import GROUP_NAMES, evaluate, forward_flops_per_image, training_flops_per_image
 from fl_core.models import build_model, resolve_arch
-from fl_core.results import (CHECKPOINT_NAME, RECORD_NAME, device_description, git_commit, library_versions, save_torch,
-                              write_json)
+from fl_core.results import (CHECKPOINT_NAME, RECORD_NAME, damaged, device_description, git_commit, library_versions,
+                              save_torch, write_json)
 
 if TYPE_CHECKING:
     from fl_core.methods.base import Method
@@ -236,7 +236,11 @@ def load_checkpoint(run_dir: Path, cfg: ExperimentConfig, device: torch.device |
     path = Path(run_dir) / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # whatever torch raises for a damaged file: RuntimeError, EOFError, ValueError, ...
+        raise damaged(path, err, "a run's checkpoint",
+                      f"delete it to start the run in {run_dir} afresh, or use another run directory") from err
     check_same_config(run_dir, checkpoint["fingerprint"], checkpoint["config"], cfg)
     return checkpoint
 

@@ -27,7 +27,7 @@ from fl_core.methods.base import Method
 from fl_core.methods.pretrain import fold_projection, pretrain_student, text_classifier
 from fl_core.metrics import GROUP_NAMES
 from fl_core.models import build_model, resolve_arch
-from fl_core.results import computed_once, save_torch
+from fl_core.results import computed_once, load_cached, save_torch
 
 ALIGN_STREAM = 1_000_003  # client-id slot of the server's alignment generator (never a real client)
 STAGE1_METHOD_KEYS = ("stage1_epochs", "stage1_batch_size", "stage1_lr", "dwd", "lambda0", "lambda_schedule",
@@ -115,8 +115,8 @@ class MLLMFL(Method):
         path = stage1_cache_path(self.cfg)
         key = path.stem
         with computed_once(path):
-            if path.is_file():
-                saved = torch.load(path, map_location="cpu")
+            saved = load_cached(path, "a cached stage 1")
+            if saved is not None:
                 return saved["state"], {**saved["info"], "cached": True}
             return self.pretrain(engine, server, key, path)
 

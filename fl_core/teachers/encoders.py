@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fl_core.parallel import compute_setting, cpu_threads
-from fl_core.results import computed_once, save_torch
+from fl_core.results import computed_once, load_cached, save_torch
 from fl_core.teachers.cache import TeacherCache, cache_root, image_digest, text_digest
 from fl_core.teachers.hf_mllm import TeacherUnavailableError
 
@@ -204,8 +204,8 @@ class OfflineCLIP(ImageTextEncoder):
         key = hashlib.sha256("|".join([self.name, str(self.align_steps), str(seed), *setting, *digests, *captions]).encode()).hexdigest()[:20]
         path = cache_root() / "projections" / f"{key}.pt"
         with computed_once(path):
-            if path.is_file():
-                state = torch.load(path, map_location="cpu")
+            state = load_cached(path, "a cached encoder fit")
+            if state is not None:
                 self.fit_info = {**state["info"], "cached": True}
             else:
                 feats, texts = self.image_features(images), self.encode_text(captions)
