@@ -106,15 +106,15 @@ def load_record(path: Path | str) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
-    remedy = (f"delete it, and the run is restored from the {CHECKPOINT_NAME} beside it"
-              if (path.parent / CHECKPOINT_NAME).is_file() else f"delete its run directory {path.parent} to compute the run again")
     try:
         with open(path) as fh:
             record = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        if not isinstance(record, dict) or not {"status", "fingerprint", "config"} <= set(record):
+            raise ValueError("no status, fingerprint or config")
+    except ValueError as err:  # json's JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        remedy = (f"delete it, and the run is restored from the {CHECKPOINT_NAME} beside it"
+                  if (path.parent / CHECKPOINT_NAME).is_file() else f"delete its run directory {path.parent} to compute the run again")
         raise damaged(path, err, "a run record", remedy) from err
-    if not isinstance(record, dict) or not {"status", "fingerprint", "config"} <= set(record):
-        raise damaged(path, ValueError("no status, fingerprint or config"), "a run record", remedy)
     return record
 
 
