@@ -70,13 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     from fl_core.data import DataNotFoundError
     from fl_core.teachers import TeacherUnavailableError
 
-    if args.command == "config":
-        try:
-            return config_command(cfg, overrides)
-        except BrokenPipeError:  # piped into `head`: what it wanted is printed
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
     try:
+        if args.command == "config":
+            return config_command(cfg, overrides)  # runs nothing, so writes nothing: no folder check
         check_folders(args)
         if args.command == "annotate":
             return annotate_command(cfg, progress=not args.no_progress)
@@ -87,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataNotFoundError, TeacherUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # piped into `head`: what it wanted is printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: completed rounds (and teacher outputs) are saved; the same command resumes from there",
               file=sys.stderr)

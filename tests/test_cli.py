@@ -182,3 +182,7 @@ def test_config_prints_each_key_where_it_was_set_what_it_means_and_the_run(tmp_p
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1])["status"] == "complete"
     assert re.fullmatch(r"run directory: .* \(finished \(2 rounds, top-1 \d+\.\d%\): `run` reuses it\)", lines[-2])
+    # a damaged record in the run's directory: one line saying so, as `run` gives, not a traceback
+    (tmp_path / f"creff-{cfg.fingerprint()}" / "record.json").write_text("{")
+    assert main(args) == 2
+    assert "record.json cannot be read as a run record" in capsys.readouterr().err
