@@ -48,6 +48,15 @@ def stable(record: dict) -> dict:
     return record
 
 
+def final_weights(run_dir: Path) -> dict:
+    """The global model's state in ``run_dir``'s checkpoint (after its last completed round)."""
+    import torch
+
+    from fl_core.results import CHECKPOINT_NAME
+
+    return torch.load(Path(run_dir) / CHECKPOINT_NAME, weights_only=False)["model"]
+
+
 def start_tiny_run(run_dir: Path, rounds: int, **popen) -> tuple[list[str], subprocess.Popen]:
     """``python -m fl_core run`` of the TINY federation for ``rounds`` rounds into ``run_dir``, started in the
     background: (its command, its process)."""

@@ -11,9 +11,8 @@ from fl_core import report
 from fl_core.experiment import run_experiment
 from fl_core.fl import weighted_average
 from fl_core.methods import Method
-from fl_core.results import CHECKPOINT_NAME
 
-from conftest import Interrupted, stable
+from conftest import Interrupted, final_weights, stable
 
 
 class FedAvgM(Method):
@@ -56,10 +55,6 @@ def register(monkeypatch):
         monkeypatch.setitem(fl_core.methods.METHODS, "fedavgm", lambda cfg: FedAvgM(lr, momentum))
 
     return with_settings
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)["model"]
 
 
 @pytest.mark.slow

@@ -14,15 +14,11 @@ import torch
 
 from fl_core.config import make_config
 from fl_core.experiment import run_experiment
-from fl_core.results import CHECKPOINT_NAME, load_record
+from fl_core.results import load_record
 
-from conftest import TINY, Interrupted
+from conftest import TINY, Interrupted, final_weights
 
 flwr = pytest.importorskip("flwr")
-
-
-def final_weights(run_dir):
-    return torch.load(run_dir / CHECKPOINT_NAME, weights_only=False)["model"]
 
 
 def assert_same_run(flower_dir, reference_dir, reference):

@@ -15,9 +15,8 @@ from fl_core.fl.engine import resolve_stacked_execution
 from fl_core.fl.stacked import per_client, stacked_skeleton
 from fl_core.methods.clip2fl import kd_loss
 from fl_core.models import ResNet8, build_model
-from fl_core.results import CHECKPOINT_NAME
 
-from conftest import NEEDS_CUDA, TEST_DEVICE
+from conftest import NEEDS_CUDA, TEST_DEVICE, final_weights
 
 
 def clients_of_sizes(sizes):
@@ -97,7 +96,7 @@ def test_vectorized_engine_run_equals_sequential_run(tiny_config, tmp_path, monk
     for mode in ("sequential", "vectorized"):
         cfg = tiny_config(method__name="fedprox", fl__client_training=mode)
         records[mode] = run_experiment(cfg, tmp_path / mode, progress=False)
-        weights[mode] = torch.load(tmp_path / mode / CHECKPOINT_NAME, weights_only=False)["model"]
+        weights[mode] = final_weights(tmp_path / mode)
     seq, vec = records["sequential"], records["vectorized"]
     assert seq["fingerprint"] == vec["fingerprint"]  # an execution choice, not a different experiment
     assert (seq["client_training"], vec["client_training"]) == ("sequential", "vectorized")
