@@ -278,7 +278,8 @@ def main(argv=None) -> dict:
                         help="with --variants: only the combinations with these settings, e.g. fl.cuda_graphs=on")
     parser.add_argument("--kernels", action="store_true",
                         help="profile one round of (c), eager, and print the operations taking the most device time")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, as the CLI takes them")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as the CLI takes them")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:  # the engine's run folder, removed afterwards
         return benchmark(args, scratch)
@@ -334,6 +335,7 @@ def benchmark(args, scratch: str) -> dict:
         "date": datetime.now(timezone.utc).date().isoformat(),
         "machine": f"{device_description(device)}, {os.cpu_count()} CPUs",
         "profile": args.profile,
+        "overrides": overrides,
         "clients": len(clients),
         "local_epochs": f.local_epochs,
         "images": images,

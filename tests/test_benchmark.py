@@ -21,7 +21,9 @@ def load_benchmark(name: str):
 def test_round_speed_benchmark_runs_every_loop_and_reports_ratios(capsys):
     bench = load_benchmark("round_speed")
     tiny = {**TINY, "method.creff_retrain_epochs": 2}
-    result = bench.main(["--profile", "smoke", "--repeats", "1", "--set", *(f"{k}={v}" for k, v in tiny.items())])
+    sets = [f"{k}={v}" for k, v in tiny.items()]
+    result = bench.main(["--profile", "smoke", "--repeats", "1", "--set", *sets[:2], "--set", *sets[2:]])
+    assert {k: result["overrides"][k] for k in tiny} == {k: str(v) for k, v in tiny.items()}  # every --set counts
     for key in ("ratio_sequential_vs_reference", "ratio_vectorized_vs_reference", "ratio_clip2fl_vs_reference",
                 "fraction_of_matmul_peak"):
         assert result[key] > 0
