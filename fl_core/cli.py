@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str, set_example: str, progress: bool = True) -> argparse.ArgumentParser:
         one = sub.add_parser(name, help=help)
         one.add_argument("--profile", default=DEFAULT_PROFILE, help=f"one of {', '.join(PROFILES)} (default {DEFAULT_PROFILE})")
-        one.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help=f"config override, e.g. {set_example} (repeatable; `config` lists the keys)")
+        one.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                         help=f"config overrides, e.g. {set_example} (one or more after each --set; `config` "
+                              "lists the keys)")
         if progress:
             one.add_argument("--no-progress", action="store_true", help="no progress bars")
         return one
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     def method_option(one: argparse.ArgumentParser) -> None:
         one.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the profile's)")
 
-    run = command("run", "run (or resume, or reuse) one federated experiment", "--set fl.rounds=5 --set data.alpha=0.1")
+    run = command("run", "run (or resume, or reuse) one federated experiment", "--set fl.rounds=5 data.alpha=0.1")
     method_option(run)
     run.add_argument("--run-dir", default=None, help="run directory (default: $FL_CORE_RUNS or ./runs, by config hash)")
     compare = command("compare", "run methods x seeds (finished runs reused) and print their results table",

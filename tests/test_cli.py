@@ -54,6 +54,18 @@ def test_bad_input_fails_at_once_with_a_clear_message(args, message):
     assert time.monotonic() - start < 10
 
 
+def test_one_set_takes_several_overrides_and_repeats_add_to_them(tmp_path, monkeypatch, capsys):
+    from fl_core.cli import main
+
+    monkeypatch.setenv("FL_CORE_RUNS", str(tmp_path))
+    assert main(["config", "--profile", "smoke", "--set", "fl.rounds=4", "data.alpha=0.1", "--set", "seed=3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["overrides"] == ["data.alpha", "fl.rounds", "seed"]
+    assert (summary["config"]["fl.rounds"], summary["config"]["data.alpha"], summary["config"]["seed"]) == (4, 0.1, 3)
+    assert main(["config", "--profile", "smoke", "--set", "fl.rounds=4", "fl.round=5"]) == 2
+    assert "unknown config key 'fl.round'" in capsys.readouterr().err
+
+
 def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path):
     # its own process group, which Ctrl-C signals as a whole; SIGINT handled as in a terminal even where
     # the tests themselves run with it ignored (a background job of a non-interactive shell)
