@@ -30,14 +30,17 @@ def check_writable_folder(path: Path | str, how_to_change: str) -> None:
         raise ValueError(f"cannot write the folder {path}: {existing} is not writable; {how_to_change}")
 
 
-def atomic_write(path: Path | str, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old or the new file."""
+def atomic_write(path: Path | str, write, mode: str = "wb") -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to the disk, then rename it
+    over ``path``: readers see the old file or the whole new one, also after a crash of the machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # before the rename: else a crash can leave the new name on an empty file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,17 +48,11 @@ def atomic_write(path: Path | str, write) -> None:
 
 
 def write_json(path: Path | str, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    atomic_write(path, write)
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1), mode="w")
 
 
 def save_torch(path: Path | str, obj) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 class DamagedFileError(ValueError):

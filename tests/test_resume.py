@@ -87,3 +87,22 @@ def test_damaged_run_files_are_named_with_what_to_do(tiny_config, tmp_path):
     (other / "record.json").write_text("{}")
     with pytest.raises(DamagedFileError, match=f"no status, fingerprint or config.*delete its run directory {other}"):
         run_experiment(cfg, other, progress=False)
+
+
+def test_run_files_are_on_the_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    """Checkpoints, records and cached results are written whole to a temporary file, flushed to the
+    disk and only then renamed over the old file; a write that fails leaves the old file as it was."""
+    from fl_core import results
+
+    events = []
+    monkeypatch.setattr(results.os, "fsync", lambda fd: events.append("fsync"))
+    replace = results.os.replace
+    monkeypatch.setattr(results.os, "replace", lambda a, b: (events.append("replace"), replace(a, b)))
+    results.save_torch(tmp_path / CHECKPOINT_NAME, {"w": torch.arange(3)})
+    results.write_json(tmp_path / "record.json", {"status": "running"})
+    assert events == ["fsync", "replace"] * 2
+    assert torch.equal(torch.load(tmp_path / CHECKPOINT_NAME)["w"], torch.arange(3))
+    with pytest.raises(TypeError):
+        results.write_json(tmp_path / "record.json", {"status": object()})  # fails halfway through the dump
+    assert (tmp_path / "record.json").read_text() == '{\n "status": "running"\n}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, "record.json"]  # no temporary left

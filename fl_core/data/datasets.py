@@ -142,11 +142,8 @@ def _mnist_splits() -> tuple:
     splits = tuple((np.rint(images * 256).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64))
                    for images, labels in splits)
 
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **{f"{name}{k}": array for k, pair in enumerate(splits) for name, array in zip(("images", "labels"), pair)})
-
-    atomic_write(decoded, write)
+    arrays = {f"{name}{k}": array for k, pair in enumerate(splits) for name, array in zip(("images", "labels"), pair)}
+    atomic_write(decoded, lambda fh: np.savez(fh, **arrays))
     return splits
 
 
@@ -274,11 +271,7 @@ def _decoded(paths: list[Path], size: int, cache: Path, name: str) -> np.ndarray
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         images = np.stack(list(tqdm(pool.map(decode, paths), total=len(paths), desc=f"decode {name}")))
 
-    def write(tmp):
-        with open(tmp, "wb") as fh:  # a file, not a name: np.save would append .npy to the temporary one
-            np.save(fh, images)
-
-    atomic_write(cache, write)
+    atomic_write(cache, lambda fh: np.save(fh, images))
     return images
 
 
