@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,25 +30,27 @@ def check_writable_folder(path: Path | str, how_to_change: str) -> None:
         raise ValueError(f"cannot write the folder {path}: {existing} is not writable; {how_to_change}")
 
 
-def atomic_write(path: Path | str, write, mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to the disk, then rename it
-    over ``path``: readers see the old file or the whole new one, also after a crash of the machine."""
+def atomic_write(path: Path | str, write, text: bool = False) -> None:
+    """Call ``write(file)`` on a new temporary file beside ``path``, flush it to the disk, then rename
+    it over ``path``: readers see the old file or the whole new one, also after a crash of the machine.
+    The file gets the permissions of any new file (the umask's), not ``mkstemp``'s owner-only ones, so
+    that a group can share a runs or cache folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, mode) as fh:
+        with open(tmp, "x" if text else "xb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())  # before the rename: else a crash can leave the new name on an empty file
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def write_json(path: Path | str, obj) -> None:
-    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1), mode="w")
+    atomic_write(path, lambda fh: json.dump(obj, fh, indent=1), text=True)
 
 
 def save_torch(path: Path | str, obj) -> None:

@@ -3,6 +3,9 @@ device (``FL_CORE_TEST_DEVICE``; benchmarks/device_check.sh runs these on a GPU)
 state (CReFF's federated features and re-trained classifier, MLLM-FL's stage-1 facts) comes back
 from the checkpoint where the run computes."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -92,6 +95,7 @@ def test_damaged_run_files_are_named_with_what_to_do(tiny_config, tmp_path):
 def test_run_files_are_on_the_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
     """Checkpoints, records and cached results are written whole to a temporary file, flushed to the
     disk and only then renamed over the old file; a write that fails leaves the old file as it was."""
+
     from fl_core import results
 
     events = []
@@ -101,6 +105,10 @@ def test_run_files_are_on_the_disk_before_they_replace_the_old_ones(tmp_path, mo
     results.save_torch(tmp_path / CHECKPOINT_NAME, {"w": torch.arange(3)})
     results.write_json(tmp_path / "record.json", {"status": "running"})
     assert events == ["fsync", "replace"] * 2
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (CHECKPOINT_NAME, "record.json"):  # as any new file, not owner-only: a group may share runs
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
     assert torch.equal(torch.load(tmp_path / CHECKPOINT_NAME)["w"], torch.arange(3))
     with pytest.raises(TypeError):
         results.write_json(tmp_path / "record.json", {"status": object()})  # fails halfway through the dump
