@@ -16,7 +16,9 @@ from fl_core.metrics import GROUP_NAMES, group_accuracy, per_class_accuracy
 
 GROUP_LABELS = {"many": "many (>{many})", "medium": "medium ({few}-{many})", "few": "few (<{few})"}
 METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "clip2fl": "CLIP2FL", "mllm_fl": "MLLM-FL"}
-METHOD_COLORS = dict(zip(METHOD_NAMES, sns.color_palette("colorblind", len(METHOD_NAMES))))
+# one colour per method in every figure, from seaborn's colour-blind palette: FedProx in a lighter
+# shade of FedAvg's blue (it is FedAvg plus a proximal term), the others far apart
+METHOD_COLORS = dict(zip(METHOD_NAMES, [sns.color_palette("colorblind")[i] for i in (0, 9, 2, 1, 4)]))
 # every method as a grid's variants ({label: overrides}), for the comparison pages
 METHOD_VARIANTS = {name: {"method.name": method} for method, name in METHOD_NAMES.items()}
 
@@ -357,13 +359,26 @@ def plot_pretraining(record: dict, axes=None):
     return axes
 
 
+def variant_palette(records: list[dict]) -> dict | None:
+    """Each variant in its method's colour (``METHOD_COLORS``, as in every figure of the book) where
+    the variants are different built-in methods; ``None``, seaborn's own colours, where several
+    share a method (the ablations) or a method has no colour of its own."""
+    method_of = {}
+    for r in records:
+        method_of.setdefault(_variant(r), r["method"]["name"])
+    methods = list(method_of.values())
+    if len(set(methods)) < len(methods) or not set(methods) <= set(METHOD_COLORS):
+        return None
+    return {variant: METHOD_COLORS[method] for variant, method in method_of.items()}
+
+
 def plot_round_curves(records: list[dict], metric: str = "top1", ax=None):
     """One curve per variant of a per-round metric: the mean over seeds, in a band of ± one std."""
     rows = [{"variant": _variant(r), "round": e["round"], f"{metric} %": 100 * e[metric]}
             for r in records for e in r["rounds"] if e.get(metric) is not None]
     ax = ax or plt.subplots(figsize=(8, 3.8))[1]
     sns.lineplot(data=pd.DataFrame(rows), x="round", y=f"{metric} %", hue="variant", marker="o", markersize=3,
-                 errorbar="sd", ax=ax)
+                 errorbar="sd", palette=variant_palette(records), ax=ax)
     _legend_outside(ax)
     note = seeds_note(_variant(r) for r in records)
     ax.set(title=f"Test {metric} of the global model after each round{note}", ylim=(-2, 102))
@@ -378,8 +393,10 @@ def plot_per_class_compare(records: list[dict], ax=None):
     rows = [{"variant": _variant(r), "class": f"{data['class_names'][c]}\n(n={counts[c]})",
              "accuracy %": 100 * r["final"]["per_class"][c]} for r in records for c in order]
     ax = ax or plt.subplots(figsize=(max(9, 0.9 * len(order)), 3.8))[1]
-    sns.barplot(data=pd.DataFrame(rows), x="class", y="accuracy %", hue="variant", errorbar=None, ax=ax)
-    _legend_outside(ax)
+    sns.barplot(data=pd.DataFrame(rows), x="class", y="accuracy %", hue="variant", errorbar=None,
+                palette=variant_palette(records), ax=ax)
+    # below the axes, not beside them: the bars of ten or more classes need the figure's whole width
+    sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, frameon=False, title=None)
     ax.tick_params(axis="x", labelsize=8)
     note = seeds_note((_variant(r) for r in records), spread=False)
     ax.set(xlabel="class (training images), most frequent first", ylim=(0, 100), title=f"Per-class test accuracy{note}")

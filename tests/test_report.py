@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import seaborn as sns
 
 from fl_core import report
 from fl_core.config import make_config
@@ -77,6 +78,25 @@ def test_plot_round_curves_draws_the_mean_in_a_band_of_one_std_over_seeds():
     at_round_1 = band[band[:, 0] == 1, 1]
     std = 100 * np.std([0.5, 0.7], ddof=1)  # the tables' std (ddof 1), not a bootstrap interval
     np.testing.assert_allclose([at_round_1.min(), at_round_1.max()], [60.0 - std, 60.0 + std])
+
+
+def test_methods_keep_their_colour_in_every_figure_and_ablations_get_seaborns():
+    def of(variant, method):
+        return {**record(variant, 7, 0.5, 0.1), "method": {"name": method}, "data": {
+            "train_class_counts": [30, 20, 10], "class_names": ["a", "b", "c"]}}
+
+    methods = [of("MLLM-FL (simulated MLLM)", "mllm_fl"), of("FedAvg", "fedavg")]
+    assert report.variant_palette(methods) == {"MLLM-FL (simulated MLLM)": report.METHOD_COLORS["mllm_fl"],
+                                               "FedAvg": report.METHOD_COLORS["fedavg"]}
+    for m in methods:
+        m["final"]["per_class"] = [0.9, 0.5, 0.1]
+    ax = report.plot_per_class_compare(methods)
+    bars = sns.desaturate(report.METHOD_COLORS["mllm_fl"], 0.75)  # seaborn's bars are a little desaturated
+    np.testing.assert_allclose([p.get_facecolor()[:3] for p in ax.patches[:3]], [bars] * 3)
+    assert len(set(report.METHOD_COLORS.values())) == len(report.METHOD_COLORS)
+    ablations = [of("full", "mllm_fl"), of("no stage 1", "mllm_fl")]
+    assert report.variant_palette(ablations) is None  # variants of one method: colours of their own
+    assert report.variant_palette([of("FedAvgM", "fedavgm"), of("FedAvg", "fedavg")]) is None  # no colour of its own
 
 
 def test_partition_table_describes_how_the_clients_data_differs():
