@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections import Counter
 
@@ -359,17 +360,23 @@ def plot_pretraining(record: dict, axes=None):
     return axes
 
 
-def variant_palette(records: list[dict]) -> dict | None:
-    """Each variant in its method's colour (``METHOD_COLORS``, as in every figure of the book) where
-    the variants are different built-in methods; ``None``, seaborn's own colours, where several
-    share a method (the ablations) or a method has no colour of its own."""
-    method_of = {}
+def variant_palette(records: list[dict]) -> dict:
+    """Each variant's colour: the first variant of a built-in method in the method's colour
+    (``METHOD_COLORS``, the same in every figure of the book), further variants of one method (the
+    ablations) and methods without a colour of their own in the colour-blind palette's other colours."""
+    spare = itertools.cycle([c for c in sns.color_palette("colorblind") if c not in METHOD_COLORS.values()]
+                            + sns.color_palette("dark"))
+    colours, coloured_methods = {}, set()
     for r in records:
-        method_of.setdefault(_variant(r), r["method"]["name"])
-    methods = list(method_of.values())
-    if len(set(methods)) < len(methods) or not set(methods) <= set(METHOD_COLORS):
-        return None
-    return {variant: METHOD_COLORS[method] for variant, method in method_of.items()}
+        variant, method = _variant(r), r["method"]["name"]
+        if variant in colours:
+            continue
+        if method in METHOD_COLORS and method not in coloured_methods:
+            colours[variant] = METHOD_COLORS[method]
+            coloured_methods.add(method)
+        else:
+            colours[variant] = next(spare)
+    return colours
 
 
 def plot_round_curves(records: list[dict], metric: str = "top1", ax=None):

@@ -80,7 +80,7 @@ def test_plot_round_curves_draws_the_mean_in_a_band_of_one_std_over_seeds():
     np.testing.assert_allclose([at_round_1.min(), at_round_1.max()], [60.0 - std, 60.0 + std])
 
 
-def test_methods_keep_their_colour_in_every_figure_and_ablations_get_seaborns():
+def test_methods_keep_their_colour_in_every_figure_and_other_variants_get_colours_of_their_own():
     def of(variant, method):
         return {**record(variant, 7, 0.5, 0.1), "method": {"name": method}, "data": {
             "train_class_counts": [30, 20, 10], "class_names": ["a", "b", "c"]}}
@@ -94,9 +94,11 @@ def test_methods_keep_their_colour_in_every_figure_and_ablations_get_seaborns():
     bars = sns.desaturate(report.METHOD_COLORS["mllm_fl"], 0.75)  # seaborn's bars are a little desaturated
     np.testing.assert_allclose([p.get_facecolor()[:3] for p in ax.patches[:3]], [bars] * 3)
     assert len(set(report.METHOD_COLORS.values())) == len(report.METHOD_COLORS)
-    ablations = [of("full", "mllm_fl"), of("no stage 1", "mllm_fl")]
-    assert report.variant_palette(ablations) is None  # variants of one method: colours of their own
-    assert report.variant_palette([of("FedAvgM", "fedavgm"), of("FedAvg", "fedavg")]) is None  # no colour of its own
+    ablations = report.variant_palette([of("full", "mllm_fl"), of("no DWD", "mllm_fl"), of("FedAvg", "fedavg"),
+                                        of("FedAvgM", "fedavgm")])  # variants of one method, a method of our own
+    assert ablations["full"] == report.METHOD_COLORS["mllm_fl"] and ablations["FedAvg"] == report.METHOD_COLORS["fedavg"]
+    assert len(set(ablations.values())) == 4 and not {ablations["no DWD"], ablations["FedAvgM"]} & set(
+        report.METHOD_COLORS.values())
 
 
 def test_partition_table_describes_how_the_clients_data_differs():
