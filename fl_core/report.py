@@ -364,8 +364,8 @@ def variant_palette(records: list[dict]) -> dict:
     """Each variant's colour: the first variant of a built-in method in the method's colour
     (``METHOD_COLORS``, the same in every figure of the book), further variants of one method (the
     ablations) and methods without a colour of their own in the colour-blind palette's other colours."""
-    spare = itertools.cycle([c for c in sns.color_palette("colorblind") if c not in METHOD_COLORS.values()]
-                            + sns.color_palette("dark"))
+    others = [sns.color_palette("colorblind")[i] for i in (3, 7, 5, 8, 6)]  # vermillion, grey, brown, yellow, pink
+    spare = itertools.cycle(others + sns.color_palette("dark"))
     colours, coloured_methods = {}, set()
     for r in records:
         variant, method = _variant(r), r["method"]["name"]
