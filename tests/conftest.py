@@ -74,8 +74,10 @@ def wait_for_file(path: Path, proc: subprocess.Popen, seconds: float = 120) -> N
 
 @pytest.fixture
 def tiny_config():
-    def make(**overrides):
-        return make_config("smoke", {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}})
+    """``make(settings, **overrides)``: the smoke profile with TINY, then ``settings`` (a dict of dotted
+    keys, e.g. MLLM_TINY), then keyword overrides (``fl__rounds=3`` for ``fl.rounds``)."""
+    def make(settings: dict | None = None, /, **overrides):
+        return make_config("smoke", {**TINY, **(settings or {}), **{k.replace("__", "."): v for k, v in overrides.items()}})
 
     return make
 

@@ -157,7 +157,7 @@ def test_teacher_logits_once_per_image_give_the_same_losses_as_per_batch():
 @pytest.mark.slow
 def test_creff_and_clip2fl_runs_record_extra_upload_and_compute(tiny_config, teacher_cache):
     def cfg(method):
-        return tiny_config(**{k.replace(".", "__"): v for k, v in {**TINY_BASELINE, "method.name": method}.items()})
+        return tiny_config({**TINY_BASELINE, "method.name": method})
 
     fedavg = run_experiment(tiny_config(), progress=False)
     creff = run_experiment(cfg("creff"), progress=False)
@@ -206,7 +206,7 @@ def test_clip2fl_prompts_its_teacher_as_its_public_code(tiny_config, teacher_cac
         return embed(self, class_names, templates)
 
     monkeypatch.setattr(ImageTextEncoder, "class_embeddings", recorded)
-    cfg = tiny_config(method__name="clip2fl", **{k.replace(".", "__"): v for k, v in TINY_BASELINE.items()})
+    cfg = tiny_config(TINY_BASELINE, method__name="clip2fl")
     fed = build_federated_data(cfg, torch.device("cpu"))
     clip2fl = make_method(cfg)
     engine = SimpleNamespace(data=fed, device=torch.device("cpu"), progress=False)

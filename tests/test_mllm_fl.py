@@ -122,7 +122,7 @@ def test_stage1_fingerprint_ignores_the_federation():
 
 @pytest.mark.slow
 def test_mllm_fl_runs_three_stages_records_them_and_costs_clients_what_fedavg_does(tiny_config, teacher_cache):
-    record = run_experiment(tiny_config(**{k.replace(".", "__"): v for k, v in MLLM_TINY.items()}), progress=False)
+    record = run_experiment(tiny_config(MLLM_TINY), progress=False)
     method = record["method"]
     assert method["teachers"]["mllm"]["backend"] == "simulated"
     assert method["teachers"]["annotation_accuracy"] == pytest.approx(0.9, abs=0.06)
@@ -135,7 +135,7 @@ def test_mllm_fl_runs_three_stages_records_them_and_costs_clients_what_fedavg_do
     assert record["cost"] == fedavg["cost"]  # same model, same client work: bytes and FLOPs equal
     assert [e["clients"] for e in record["rounds"]] == [e["clients"] for e in fedavg["rounds"]]
     # stage 1 runs once per setting: a second federation with other rounds reuses it
-    again = run_experiment(tiny_config(fl__rounds=1, **{k.replace(".", "__"): v for k, v in MLLM_TINY.items()}), progress=False)
+    again = run_experiment(tiny_config(MLLM_TINY, fl__rounds=1), progress=False)
     assert again["method"]["pretraining"]["cached"] is True
     assert again["method"]["pretraining"]["zero_shot"] == stage1["zero_shot"]
 
@@ -145,7 +145,7 @@ def test_mllm_fl_runs_three_stages_records_them_and_costs_clients_what_fedavg_do
                                     {"method.align_rounds": "last", "method.align_params": "classifier"}])
 def test_every_switch_runs(tiny_config, teacher_cache, switch):
     settings = {**MLLM_TINY, **switch}
-    record = run_experiment(tiny_config(**{k.replace(".", "__"): v for k, v in settings.items()}), progress=False)
+    record = run_experiment(tiny_config(settings), progress=False)
     method = record["method"]
     assert ("pretraining" in method) == settings.get("method.stage1", True)
     aligned = [("align_loss" in e) for e in record["rounds"]]
@@ -159,7 +159,7 @@ def test_every_switch_runs(tiny_config, teacher_cache, switch):
 
 @pytest.mark.slow
 def test_a_damaged_stage1_or_encoder_fit_in_the_cache_is_computed_again(tiny_config, teacher_cache, tmp_path):
-    cfg = tiny_config(fl__rounds=1, **{k.replace(".", "__"): v for k, v in MLLM_TINY.items()})
+    cfg = tiny_config(MLLM_TINY, fl__rounds=1)
     first = run_experiment(cfg, tmp_path / "first", progress=False)
     damaged = [stage1_cache_path(cfg), *(teacher_cache / "projections").glob("*.pt")]
     assert len(damaged) == 2

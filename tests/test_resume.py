@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 
+from fl_core import results
 from fl_core.experiment import run_experiment
 from fl_core.fl.engine import Engine, load_checkpoint
 from fl_core.results import CHECKPOINT_NAME, DamagedFileError, load_record
@@ -33,7 +34,7 @@ def without_cache_flags(record: dict) -> dict:
 def test_every_method_resumes_an_interrupted_run_to_the_same_record(method, tiny_config, teacher_cache, tmp_path,
                                                                     monkeypatch):
     settings = {**SETTINGS[method], "method.name": method, "fl.rounds": 3, "device": TEST_DEVICE}
-    cfg = tiny_config(**{k.replace(".", "__"): v for k, v in settings.items()})
+    cfg = tiny_config(settings)
     complete_round = Engine.complete_round
 
     def crash_in_round_2(self, round_idx, *args, **kwargs):
@@ -58,7 +59,7 @@ def test_a_checkpoint_loads_onto_the_runs_device(tiny_config, teacher_cache, tmp
     """Model and method state alike: a run on a GPU resumes with its state on the GPU, whatever
     device wrote the checkpoint (here the ``meta`` device stands in for another one)."""
     settings = {**TINY_BASELINE, "method.name": "creff", "fl.rounds": 1}
-    cfg = tiny_config(**{k.replace(".", "__"): v for k, v in settings.items()})
+    cfg = tiny_config(settings)
     run_experiment(cfg, tmp_path / "run", progress=False)
     checkpoint = load_checkpoint(tmp_path / "run", cfg, torch.device("meta"))
     weight, bias = checkpoint["method"]["classifier"]
@@ -95,9 +96,6 @@ def test_damaged_run_files_are_named_with_what_to_do(tiny_config, tmp_path):
 def test_run_files_are_on_the_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
     """Checkpoints, records and cached results are written whole to a temporary file, flushed to the
     disk and only then renamed over the old file; a write that fails leaves the old file as it was."""
-
-    from fl_core import results
-
     events = []
     monkeypatch.setattr(results.os, "fsync", lambda fd: events.append("fsync"))
     replace = results.os.replace
